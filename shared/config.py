@@ -1,0 +1,198 @@
+"""Reading configuration from environment variables, failing early with the variable's name.
+
+Each service builds its own frozen config dataclass with these helpers. Every error names
+the variable so an operator knows what to fix; no error ever echoes a secret.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+_TRUE_WORDS = frozenset({"true", "1", "yes"})
+_FALSE_WORDS = frozenset({"false", "0", "no"})
+_CALLER_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+class ConfigError(Exception):
+    """A missing or malformed setting; the message starts with the variable's name."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Secret(Generic[T]):
+    """Wraps a secret so that a repr, an f-string or a log line never shows it."""
+
+    _value: T = field(repr=False)
+
+    def reveal(self) -> T:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+
+def _raw(env: Mapping[str, str], name: str) -> str | None:
+    # An empty variable is how shells and compose files say "unset", so treat it as missing.
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> str:
+    value = _raw(env, name)
+    if value is not None:
+        return value
+    if default is None:
+        raise ConfigError(name, "is required")
+    return default
+
+
+def env_secret(env: Mapping[str, str], name: str, *, required: bool = False) -> Secret[str] | None:
+    """An API key or password; None when unset and not required."""
+    value = _raw(env, name)
+    if value is None:
+        if required:
+            raise ConfigError(name, "is required")
+        return None
+    return Secret(value)
+
+
+def env_int(
+    env: Mapping[str, str], name: str, default: int | None = None, *, minimum: int | None = None
+) -> int:
+    value = _raw(env, name)
+    if value is None:
+        if default is None:
+            raise ConfigError(name, "is required")
+        number = default
+    else:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(name, f"must be an integer, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(name, f"must be at least {minimum}, got {number}")
+    return number
+
+
+def env_float(
+    env: Mapping[str, str],
+    name: str,
+    default: float | None = None,
+    *,
+    minimum: float | None = None,
+) -> float:
+    value = _raw(env, name)
+    if value is None:
+        if default is None:
+            raise ConfigError(name, "is required")
+        number = float(default)
+    else:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(name, f"must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(name, f"must be a finite number, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise ConfigError(name, f"must be at least {minimum}, got {number}")
+    return number
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = _raw(env, name)
+    if value is None:
+        return default
+    word = value.lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ConfigError(name, f"must be true/false/1/0/yes/no, got {value!r}")
+
+
+def env_listen_addr(env: Mapping[str, str], name: str, default: str) -> str:
+    """A "host:port" to bind; port 0 (any free port) is allowed for tests."""
+    addr = env_str(env, name, default)
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(name, f"must look like host:port, got {addr!r}")
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigError(name, f"an IPv6 host needs both brackets, got {addr!r}")
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(name, f"port must be 0-65535, got {addr!r}")
+    return addr
+
+
+def env_database_url(
+    env: Mapping[str, str], name: str = "DATABASE_URL", default: str | None = None
+) -> str:
+    url = env_str(env, name, default)
+    # The URL may carry a password, so the messages below never repeat it.
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ConfigError(name, "is not a valid URL") from None
+    if parts.scheme not in _POSTGRES_SCHEMES:
+        raise ConfigError(name, "must be a postgresql:// URL")
+    if not parts.path.strip("/"):
+        raise ConfigError(name, "must name a database, e.g. postgresql://host:5432/casefile")
+    return url
+
+
+def parse_auth_tokens(raw: str, name: str = "AUTH_TOKENS") -> Mapping[str, str]:
+    """token -> caller name from "admin:tok1,gateway:tok2"; a caller may hold several tokens."""
+    entries = raw.split(",")
+    if not raw.strip():
+        raise ConfigError(name, "must list at least one name:token")
+    tokens: dict[str, str] = {}
+    first_position: dict[str, int] = {}
+    for position, entry in enumerate(entries, start=1):
+        caller, token = _parse_token_entry(name, position, entry)
+        if token in tokens:
+            raise ConfigError(
+                name, f"entry {position} repeats the token of entry {first_position[token]}"
+            )
+        tokens[token] = caller
+        first_position[token] = position
+    return types.MappingProxyType(tokens)
+
+
+def _parse_token_entry(name: str, position: int, entry: str) -> tuple[str, str]:
+    # Messages name the entry by position and caller only: the entry itself may be a token.
+    caller, sep, token = entry.partition(":")
+    caller, token = caller.strip(), token.strip()
+    if not sep:
+        raise ConfigError(name, f"entry {position} must look like name:token")
+    if not _CALLER_NAME.match(caller):
+        raise ConfigError(
+            name, f"entry {position} needs a caller name of lowercase letters, digits, - or _"
+        )
+    if not token:
+        raise ConfigError(name, f"entry {position} ({caller}) has an empty token")
+    return caller, token
+
+
+def env_auth_tokens(env: Mapping[str, str], name: str = "AUTH_TOKENS") -> Secret[Mapping[str, str]]:
+    """Required: outside `make run` a service without tokens refuses to start."""
+    raw = _raw(env, name)
+    if raw is None:
+        raise ConfigError(name, "is required (name:token,name:token,...)")
+    return Secret(parse_auth_tokens(raw, name))

@@ -1,0 +1,113 @@
+"""Starting a grpc.aio server with health and reflection, and the common service main loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# Exit status of a process stopped by a second signal: 128 + SIGINT, as shells report it.
+_FORCED_EXIT_STATUS = 130
+# gRPC enables SO_REUSEPORT by default: two processes could then bind the same port and
+# silently share traffic. A port clash must fail loudly instead.
+_SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str  # full service name, e.g. "casefile.story.v1.StoryService"
+    register: Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING first so balancers stop routing here, then drain calls."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_grpc_server(
+    *,
+    listen_addr: str,
+    services: Sequence[ServiceSpec],
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Serve `services` plus health and reflection on `listen_addr` (port 0: any free port)."""
+    server = grpc.aio.server(interceptors=list(interceptors), options=_SERVER_OPTIONS)
+    for service in services:
+        service.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_names = [service.name for service in services]
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = _bind(server, listen_addr)
+    await server.start()
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server=server, port=port, health=health_servicer)
+
+
+def _bind(server: grpc.aio.Server, listen_addr: str) -> int:
+    try:
+        port = server.add_insecure_port(listen_addr)
+    except RuntimeError as error:
+        raise OSError(f"cannot listen on {listen_addr}: {error}") from error
+    if port == 0:
+        raise OSError(f"cannot listen on {listen_addr}")
+    return port
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT set `stop`; a second signal ends the process at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("service.forced_exit", extra={"signal": signum.name})
+            logging.shutdown()
+            os._exit(_FORCED_EXIT_STATUS)
+        log.info("service.stop_requested", extra={"signal": signum.name})
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def run_service(
+    name: str,
+    build: Callable[[AsyncExitStack], Awaitable[RunningServer]],
+    *,
+    grace: float = 5.0,
+) -> None:
+    """Build, serve until SIGTERM/SIGINT, stop gracefully, then close what build() opened."""
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    try:
+        async with AsyncExitStack() as stack:
+            server = await build(stack)
+            log.info("service.started", extra={"service_name": name, "port": server.port})
+            await stop.wait()
+            log.info("service.stopping", extra={"service_name": name, "grace_seconds": grace})
+            await server.stop(grace)
+    except Exception:
+        # Logged here so that the reason a service died is a JSON line like everything else.
+        log.exception("service.failed", extra={"service_name": name})
+        raise
+    log.info("service.stopped", extra={"service_name": name})

@@ -1,0 +1,67 @@
+import os
+import uuid
+
+import asyncpg
+import pytest
+
+from shared.db import create_pool, database_name, drop_database, ensure_database, with_database
+
+# The PostgreSQL server the tests may create throwaway databases on.
+SERVER_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+async def throwaway_dsn():
+    dsn = with_database(SERVER_DSN, f"test_shared_{uuid.uuid4().hex}")
+    yield dsn
+    await drop_database(dsn)
+
+
+def test_database_name_and_with_database():
+    dsn = "postgresql://u:p@h:5432/casefile?sslmode=disable"
+    assert database_name(dsn) == "casefile"
+    other = with_database(dsn, "casefile_test")
+    assert other == "postgresql://u:p@h:5432/casefile_test?sslmode=disable"
+    assert database_name(other) == "casefile_test"
+    assert database_name("postgresql://u@h/?dbname=x") == "x"
+    assert database_name(with_database("postgresql://u@h/?dbname=x", "y")) == "y"
+    with pytest.raises(ValueError):
+        database_name("postgresql://u@h")
+
+
+async def test_ensure_database_creates_once(throwaway_dsn):
+    assert await ensure_database(throwaway_dsn) is True
+    assert await ensure_database(throwaway_dsn) is False
+    conn = await asyncpg.connect(throwaway_dsn)
+    try:
+        assert await conn.fetchval("SELECT current_database()") == database_name(throwaway_dsn)
+    finally:
+        await conn.close()
+
+
+async def test_drop_database_removes_it_even_with_open_sessions(throwaway_dsn):
+    await ensure_database(throwaway_dsn)
+    lingering = await asyncpg.connect(throwaway_dsn)
+    await drop_database(throwaway_dsn)
+    assert not await _exists(throwaway_dsn)
+    lingering.terminate()
+
+
+async def _exists(dsn: str) -> bool:
+    conn = await asyncpg.connect(with_database(dsn, "postgres"))
+    try:
+        return bool(
+            await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database_name(dsn))
+        )
+    finally:
+        await conn.close()
+
+
+async def test_create_pool_sets_application_name(throwaway_dsn):
+    await ensure_database(throwaway_dsn)
+    pool = await create_pool(throwaway_dsn, max_size=2, application_name="casefile-test")
+    try:
+        assert await pool.fetchval("SHOW application_name") == "casefile-test"
+        assert pool.get_max_size() == 2
+    finally:
+        await pool.close()
