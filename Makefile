@@ -23,6 +23,22 @@ gen: gen/.stamp
 
 lint: gen
 	$(VENV)/bin/buf lint
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf gen .run
+
+# The whole stack on this machine (see tools/stack.py); Ctrl-C stops it, data stays in .run/.
+run: $(STAMP) gen
+	$(PY) -m tools.stack
+
+# PYTEST_ARGS narrows a run, e.g. `make test PYTEST_ARGS='tests/unit -x'`. pytest's own exit
+# code fails the target, including 5 when no test was collected.
+test: $(STAMP) gen
+	$(PY) -m tools.infra ensure-postgres
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Figures for the closing notes: ratios against a baseline measured in the same run.
+bench: $(STAMP) gen
+	$(PY) -m tools.infra ensure-postgres
+	$(PY) -m tests.bench.story_bench $(BENCH_ARGS)

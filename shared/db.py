@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
@@ -29,6 +30,15 @@ async def create_pool(
         extra={"database": database_name(dsn), "min_size": min_size, "max_size": max_size},
     )
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float = 10.0) -> None:
+    """Waits up to `timeout` for borrowed connections, then cuts them: shutdown must end."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except TimeoutError:
+        log.warning("db.pool_close_timed_out", extra={"timeout_seconds": timeout})
+        pool.terminate()
 
 
 def database_name(dsn: str) -> str:

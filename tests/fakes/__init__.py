@@ -1,0 +1,1 @@
+"""Real servers that stand in for the outside world in tests (network faults, providers)."""

@@ -1,0 +1,1 @@
+"""Developer tooling: the local stack launcher and the helpers it shares with the tests."""
