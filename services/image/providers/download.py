@@ -1,0 +1,225 @@
+"""Fetch a provider's image URL without letting that URL reach our own network (no SSRF)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import ipaddress
+import logging
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+from PIL import Image
+
+from services.image.providers.base import GeneratedImage, ProviderError
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 3
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# A few MB of PNG can declare a huge canvas; we never decode it, but whoever shows the
+# stored portrait would. Providers produce at most 4096x4096.
+MAX_PIXELS = 4096 * 4096
+
+# Magic numbers are checked before Pillow sees the bytes, so only these four formats are
+# ever parsed, whatever plugins Pillow happens to have.
+_MAGIC_TO_FORMAT = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+)
+_CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class ImageDownloader:
+    """Downloads one image over http(s), refusing private targets, oversize and non-images."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient | None = None,
+        max_bytes: int = 20 * 1024 * 1024,
+        allow_private: bool = False,
+        timeout: float = 30,
+    ) -> None:
+        self._client = client
+        self.max_bytes = max_bytes
+        self.allow_private = allow_private
+        self.timeout = timeout
+
+    async def fetch(self, url: str) -> GeneratedImage:
+        # httpx timeouts are per read; a server dripping one byte a second would never trip
+        # them, so the whole download gets one deadline.
+        try:
+            async with asyncio.timeout(self.timeout):
+                data = await self._download(url)
+        except TimeoutError:
+            raise ProviderError("image download timed out", transient=True) from None
+        return await asyncio.to_thread(image_from_bytes, data)
+
+    async def _download(self, url: str) -> bytes:
+        async with self._http_client() as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                request = await self._build_request(client, url)
+                response = await _send(client, request)
+                try:
+                    if response.status_code not in REDIRECT_STATUSES:
+                        return await self._read_body(response)
+                    url = _redirect_target(response, url)
+                finally:
+                    await response.aclose()
+        raise ProviderError(f"image download: more than {MAX_REDIRECTS} redirects", transient=False)
+
+    @contextlib.asynccontextmanager
+    async def _http_client(self) -> AsyncIterator[httpx.AsyncClient]:
+        if self._client is not None:
+            yield self._client
+            return
+        async with httpx.AsyncClient(follow_redirects=False) as client:
+            yield client
+
+    async def _build_request(self, client: httpx.AsyncClient, url: str) -> httpx.Request:
+        target = _parse_http_url(url)
+        if self.allow_private:
+            return client.build_request("GET", target)
+        address = await _resolve_public_address(target)
+        # Connect to the address we checked, not to whatever a second DNS lookup returns
+        # (DNS rebinding); Host and SNI keep the original name so TLS still verifies it.
+        pinned = target.copy_with(host=str(address))
+        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        return client.build_request(
+            "GET", pinned, headers={"Host": _host_header(target)}, extensions=extensions
+        )
+
+    async def _read_body(self, response: httpx.Response) -> bytes:
+        _raise_for_status(response)
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise _too_large(self.max_bytes)
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > self.max_bytes:
+                    raise _too_large(self.max_bytes)
+        except httpx.TransportError as error:
+            raise _network_error(error) from error
+        return bytes(body)
+
+
+def image_from_bytes(data: bytes) -> GeneratedImage:
+    """Checks that the bytes are a PNG, JPEG, WEBP or GIF and reads its size."""
+    expected_format = _format_from_magic(data)
+    if expected_format is None:
+        raise ProviderError("downloaded file is not an image", transient=False)
+    try:
+        with Image.open(io.BytesIO(data), formats=[expected_format]) as image:
+            width, height = image.size
+            image.verify()
+    except Image.DecompressionBombError:
+        raise _too_many_pixels() from None
+    except Exception as error:  # Pillow raises many types for corrupt files
+        raise ProviderError(f"downloaded image is corrupt: {error}", transient=False) from None
+    if width * height > MAX_PIXELS:
+        raise _too_many_pixels()
+    return GeneratedImage(data, _CONTENT_TYPES[expected_format], width, height)
+
+
+def is_public_address(address: IpAddress) -> bool:
+    """False for loopback, private, link-local, multicast, reserved and unspecified addresses."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # ::ffff:127.0.0.1 reaches 127.0.0.1; Python 3.11 does not classify it as loopback.
+        address = address.ipv4_mapped
+    return address.is_global and not (
+        address.is_multicast
+        or address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_unspecified
+    )
+
+
+def _format_from_magic(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, image_format in _MAGIC_TO_FORMAT:
+        if data.startswith(magic):
+            return image_format
+    return None
+
+
+def _parse_http_url(url: str) -> httpx.URL:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        raise ProviderError("image URL is not valid", transient=False) from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ProviderError("image URL must be http or https", transient=False)
+    return parsed
+
+
+async def _resolve_public_address(url: httpx.URL) -> IpAddress:
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            url.host, port, type=socket.SOCK_STREAM
+        )
+    except socket.gaierror:
+        raise ProviderError("image host could not be resolved", transient=True) from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    # Every address must be public: an attacker controlling DNS could otherwise return
+    # one public and one internal address and hope the client picks the second.
+    refused = [address for address in addresses if not is_public_address(address)]
+    if refused or not addresses:
+        log.warning(
+            "download.refused_address",
+            extra={"host": url.host, "address": str(refused[0]) if refused else ""},
+        )
+        raise ProviderError("image URL points to a private or reserved address", transient=False)
+    return addresses[0]
+
+
+def _host_header(url: httpx.URL) -> str:
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return host if url.port is None else f"{host}:{url.port}"
+
+
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    try:
+        return await client.send(request, stream=True, follow_redirects=False)
+    except httpx.TimeoutException:
+        raise ProviderError("image download timed out", transient=True) from None
+    except httpx.TransportError as error:
+        raise _network_error(error) from error
+
+
+def _redirect_target(response: httpx.Response, current_url: str) -> str:
+    location = response.headers.get("location")
+    if not location:
+        raise ProviderError("image download: redirect without a Location", transient=False)
+    return str(httpx.URL(current_url).join(location))
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    transient = status in (408, 429) or status >= 500
+    raise ProviderError(f"image download failed with HTTP {status}", transient=transient, status=status)
+
+
+def _too_large(max_bytes: int) -> ProviderError:
+    return ProviderError(f"image is larger than {max_bytes} bytes", transient=False)
+
+
+def _too_many_pixels() -> ProviderError:
+    return ProviderError(f"image has more than {MAX_PIXELS} pixels", transient=False)
+
+
+def _network_error(error: httpx.TransportError) -> ProviderError:
+    return ProviderError(f"image download failed: {type(error).__name__}", transient=True)

@@ -1,0 +1,61 @@
+"""Retry an async operation with exponential backoff inside a fixed time budget."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# +/-10 %: enough that workers failing together do not retry in lockstep.
+JITTER_FRACTION = 0.1
+
+
+async def call_with_retries(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    budget_seconds: float = 60,
+    first_delay: float = 1.0,
+    max_delay: float = 16.0,
+    is_transient: Callable[[BaseException], bool],
+    retry_after: Callable[[BaseException], float | None] = lambda error: None,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    on_retry: Callable[[BaseException, int, float], None] | None = None,
+    max_retries: int | None = None,
+    rng: random.Random | None = None,
+) -> T:
+    """Runs `operation` until it succeeds, fails permanently, or the budget is spent.
+
+    A transient failure waits max(backoff, the error's retry-after), capped by what is left
+    of the budget, then tries again; the wait never ends past the budget. `max_retries`
+    bounds the number of retries as well (generation jobs allow three). When either limit
+    is reached the last error is re-raised unchanged.
+    """
+    deadline = clock() + budget_seconds
+    jitter = rng or random.Random()
+    retries = 0
+    while True:
+        try:
+            return await operation()
+        except Exception as error:  # CancelledError is a BaseException and is never retried
+            if not is_transient(error):
+                raise
+            remaining = deadline - clock()
+            if remaining <= 0 or (max_retries is not None and retries >= max_retries):
+                raise
+            retries += 1
+            backoff = _backoff(retries, first_delay, max_delay, jitter)
+            delay = min(max(backoff, retry_after(error) or 0.0), remaining)
+            if on_retry is not None:
+                on_retry(error, retries, delay)
+            await sleep(delay)
+
+
+def _backoff(retry_number: int, first_delay: float, max_delay: float, jitter: random.Random) -> float:
+    # The exponent is capped so that a long run of tiny delays cannot overflow the float.
+    base = min(max_delay, first_delay * 2 ** min(retry_number - 1, 32))
+    return min(max_delay, base * jitter.uniform(1 - JITTER_FRACTION, 1 + JITTER_FRACTION))
