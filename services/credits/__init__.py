@@ -1,0 +1,1 @@
+"""The credits service: accounts, plans, an append-only ledger and usage statistics."""

@@ -1,0 +1,30 @@
+"""The credits service's settings, read once from the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.config import Secret, env_auth_tokens, env_database_url, env_listen_addr
+
+DEFAULT_LISTEN_ADDR = "127.0.0.1:50053"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/casefile"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_addr: str
+    database_url: str
+    # token -> caller name; wrapped so a repr or a log line never shows a token.
+    auth_tokens: Secret[Mapping[str, str]]
+    db_pool_min_size: int = 1
+    db_pool_max_size: int = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        # The credits service calls nobody, so unlike story and image it needs no own token.
+        return cls(
+            listen_addr=env_listen_addr(env, "CREDITS_ADDR", DEFAULT_LISTEN_ADDR),
+            database_url=env_database_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL),
+            auth_tokens=env_auth_tokens(env, "AUTH_TOKENS"),
+        )
