@@ -1,0 +1,198 @@
+"""gRPC edge of the story service: proto in, one domain call, proto out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from casefile.story.v1 import story_service_pb2 as pb
+from casefile.story.v1 import story_service_pb2_grpc
+from services.story import domain
+from services.story.writers.base import StoryWriter
+from shared.auth import allow
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "casefile.story.v1.StoryService"
+
+ALLOWED_CALLERS = allow(
+    SERVICE_NAME,
+    {
+        "GenerateStory": ["gateway", "admin"],
+        "CreateStory": ["gateway", "admin"],
+        "GetStory": ["gateway", "admin", "image"],
+        "ListStories": ["gateway", "admin"],
+        "WatchStory": ["gateway", "admin"],
+        "SetStoryImage": ["image"],
+        "SetPortraitStatus": ["image"],
+        "RetryPortrait": ["admin"],
+    },
+)
+
+STATUS_FOR_ERROR: dict[type[domain.DomainError], grpc.StatusCode] = {
+    domain.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    domain.NotFound: grpc.StatusCode.NOT_FOUND,
+    domain.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    domain.WriterUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+PORTRAIT_STATUS_TO_PROTO = {
+    domain.PortraitStatus.PENDING: pb.PORTRAIT_STATUS_PENDING,
+    domain.PortraitStatus.READY: pb.PORTRAIT_STATUS_READY,
+    domain.PortraitStatus.FAILED: pb.PORTRAIT_STATUS_FAILED,
+    domain.PortraitStatus.SKIPPED: pb.PORTRAIT_STATUS_SKIPPED,
+}
+PORTRAIT_STATUS_FROM_PROTO = {value: key for key, value in PORTRAIT_STATUS_TO_PROTO.items()}
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def _abort_on_domain_error(method: Handler) -> Handler:
+    @wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except domain.DomainError as error:
+            await context.abort(STATUS_FOR_ERROR[type(error)], str(error))
+        except (OSError, asyncpg.InterfaceError, asyncpg.exceptions.CannotConnectNowError) as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the story database is unavailable: {error}")
+        except asyncpg.PostgresError as error:
+            # Validation happens before SQL, so this is our fault, never the caller's; the
+            # transaction rolled back, so nothing was half-written.
+            log.error("story.database_error", extra={"method": method.__name__, "error": repr(error)})
+            await context.abort(grpc.StatusCode.INTERNAL, "the story could not be stored; nothing was written")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _timestamp(value: Any) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def story_to_proto(story: domain.Story) -> pb.Story:
+    content = story.content
+    patient = content.patient
+    assert patient is not None, "stored stories always have a patient"
+    return pb.Story(
+        story_id=story.story_id,
+        user_id=story.user_id,
+        title=content.title,
+        patient=pb.Patient(name=patient.name, age=patient.age, diagnosis=patient.diagnosis, appearance=patient.appearance),
+        chapters=[pb.Chapter(title=c.title, text=c.text) for c in content.chapters],
+        image_generation_prompt=content.image_generation_prompt,
+        storage_id=story.storage_id,
+        portrait_status=PORTRAIT_STATUS_TO_PROTO[story.portrait_status],
+        portrait_error=story.portrait_error,
+        create_time=_timestamp(story.create_time),
+        update_time=_timestamp(story.update_time),
+    )
+
+
+def content_from_proto(request: pb.CreateStoryRequest) -> domain.StoryContent:
+    content = request.content
+    patient = content.patient
+    return domain.StoryContent(
+        title=content.title,
+        patient=(
+            domain.Patient(name=patient.name, age=patient.age, diagnosis=patient.diagnosis, appearance=patient.appearance)
+            if content.HasField("patient")
+            else None
+        ),
+        chapters=tuple(domain.Chapter(title=c.title, text=c.text) for c in content.chapters),
+        image_generation_prompt=content.image_generation_prompt,
+    )
+
+
+class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        writer: StoryWriter,
+        *,
+        on_event_queued: Callable[[], None],
+        watch_poll_interval: float = 0.2,
+    ) -> None:
+        self._pool = pool
+        self._writer = writer
+        self._on_event_queued = on_event_queued
+        self._watch_poll_interval = watch_poll_interval
+
+    @_abort_on_domain_error
+    async def GenerateStory(self, request: pb.GenerateStoryRequest, context: grpc.aio.ServicerContext) -> pb.GenerateStoryResponse:
+        story = await domain.generate_story(
+            self._pool,
+            self._writer,
+            user_id=request.user_id,
+            theme=request.theme,
+            request_id=request.request_id,
+            on_committed=self._on_event_queued,
+        )
+        return pb.GenerateStoryResponse(story=story_to_proto(story))
+
+    @_abort_on_domain_error
+    async def CreateStory(self, request: pb.CreateStoryRequest, context: grpc.aio.ServicerContext) -> pb.CreateStoryResponse:
+        if not request.HasField("content"):
+            raise domain.InvalidArgument("content", "is required")
+        story = await domain.create_story(
+            self._pool,
+            user_id=request.user_id,
+            content=content_from_proto(request),
+            request_id=request.request_id,
+            on_committed=self._on_event_queued,
+        )
+        return pb.CreateStoryResponse(story=story_to_proto(story))
+
+    @_abort_on_domain_error
+    async def GetStory(self, request: pb.GetStoryRequest, context: grpc.aio.ServicerContext) -> pb.GetStoryResponse:
+        story = await domain.get_story(self._pool, request.story_id)
+        return pb.GetStoryResponse(story=story_to_proto(story))
+
+    @_abort_on_domain_error
+    async def ListStories(self, request: pb.ListStoriesRequest, context: grpc.aio.ServicerContext) -> pb.ListStoriesResponse:
+        page = await domain.list_stories(
+            self._pool, user_id=request.user_id, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListStoriesResponse(
+            stories=[story_to_proto(story) for story in page.stories], next_page_token=page.next_page_token
+        )
+
+    async def WatchStory(
+        self, request: pb.WatchStoryRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchStoryResponse]:
+        try:
+            async for story in domain.watch_story(
+                self._pool, story_id=request.story_id, poll_interval=self._watch_poll_interval
+            ):
+                yield pb.WatchStoryResponse(story=story_to_proto(story))
+        except domain.DomainError as error:
+            await context.abort(STATUS_FOR_ERROR[type(error)], str(error))
+
+    @_abort_on_domain_error
+    async def SetStoryImage(self, request: pb.SetStoryImageRequest, context: grpc.aio.ServicerContext) -> pb.SetStoryImageResponse:
+        story = await domain.set_story_image(self._pool, story_id=request.story_id, storage_id=request.storage_id)
+        return pb.SetStoryImageResponse(story=story_to_proto(story))
+
+    @_abort_on_domain_error
+    async def SetPortraitStatus(
+        self, request: pb.SetPortraitStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetPortraitStatusResponse:
+        story = await domain.set_portrait_status(
+            self._pool,
+            story_id=request.story_id,
+            status=PORTRAIT_STATUS_FROM_PROTO.get(request.status),
+            reason=request.reason,
+        )
+        return pb.SetPortraitStatusResponse(story=story_to_proto(story))
+
+    @_abort_on_domain_error
+    async def RetryPortrait(self, request: pb.RetryPortraitRequest, context: grpc.aio.ServicerContext) -> pb.RetryPortraitResponse:
+        story = await domain.retry_portrait(self._pool, story_id=request.story_id, on_committed=self._on_event_queued)
+        return pb.RetryPortraitResponse(story=story_to_proto(story))

@@ -1,0 +1,91 @@
+"""Start-up of the story service: read config, wire everything, serve, shut down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from casefile.story.v1 import story_service_pb2_grpc
+from services.story.config import Config
+from services.story.handlers import ALLOWED_CALLERS, SERVICE_NAME, StoryServicer
+from services.story.messaging import OutboxRelay
+from services.story.writers import build_writer
+from shared.auth import AuthInterceptor
+from shared.config import ConfigError
+from shared.db import close_pool, create_pool
+from shared.grpc_server import RunningServer, ServiceSpec, run_service, start_grpc_server
+from shared.logs import configure_logging
+from shared.migrations import apply_migrations
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServer:
+    pool = await create_pool(config.database_url, application_name="casefile-story")
+    stack.push_async_callback(close_pool, pool)
+    async with pool.acquire() as conn:
+        await apply_migrations(conn, "story", MIGRATIONS)
+
+    relay = OutboxRelay(pool, config.nats_url, poll_interval=config.outbox_poll_interval_seconds)
+    stack.push_async_callback(relay.close)  # runs after the relay task is cancelled
+    await _start_background(stack, relay.run, "outbox-relay")
+
+    writer = build_writer(
+        config.writer,
+        api_key=config.anthropic_api_key.reveal() if config.anthropic_api_key else None,
+        base_url=config.anthropic_base_url,
+    )
+    servicer = StoryServicer(pool, writer, on_event_queued=relay.kick)
+    server = await start_grpc_server(
+        listen_addr=config.listen_addr,
+        services=[
+            ServiceSpec(SERVICE_NAME, lambda s: story_service_pb2_grpc.add_StoryServiceServicer_to_server(servicer, s))
+        ],
+        interceptors=[AuthInterceptor(config.auth_tokens.reveal(), ALLOWED_CALLERS)],
+    )
+    # Registered last so it runs first: stop taking calls before the pool goes away.
+    stack.push_async_callback(server.stop)
+    return server
+
+
+async def _start_background(stack: contextlib.AsyncExitStack, work: Callable[[], Awaitable[None]], name: str) -> None:
+    """Runs `work` until shutdown, restarting it after a crash: a relay that died quietly
+    would leave every later portrait waiting."""
+
+    async def supervise() -> None:
+        while True:
+            try:
+                await work()
+            except Exception as error:  # noqa: BLE001 - logged, then restarted
+                log.error("background.crashed", extra={"task": name, "error": repr(error)})
+            await asyncio.sleep(1.0)
+
+    task = asyncio.create_task(supervise(), name=name)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
+
+
+def main() -> None:
+    configure_logging("story")
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError as error:
+        log.error("config.invalid", extra={"error": str(error)})
+        sys.exit(2)
+    asyncio.run(run_service("story", lambda stack: build(config, stack)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The story service through its real gRPC server, on a real PostgreSQL and NATS JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+import grpc
+import nats
+import pytest
+
+from casefile.story.v1 import story_events_pb2
+from casefile.story.v1 import story_service_pb2 as pb
+from casefile.story.v1 import story_service_pb2_grpc
+from services.story.config import Config
+from services.story.main import build
+from shared.auth import bearer_metadata
+
+TOKENS = "admin:t-admin,gateway:t-gateway,story:t-story,image:t-image"
+GATEWAY = bearer_metadata("t-gateway")
+IMAGE = bearer_metadata("t-image")
+ADMIN = bearer_metadata("t-admin")
+
+
+def story_config(database_url: str, nats_url: str) -> Config:
+    return Config.from_env(
+        {
+            "STORY_ADDR": "127.0.0.1:0",
+            "DATABASE_URL": database_url,
+            "NATS_URL": nats_url,
+            "AUTH_TOKENS": TOKENS,
+            "OUTBOX_POLL_INTERVAL_SECONDS": "0.1",
+        }
+    )
+
+
+@pytest.fixture
+async def story(database_url, nats_server):
+    async with contextlib.AsyncExitStack() as stack:
+        server = await build(story_config(database_url, nats_server.url), stack)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        stack.push_async_callback(channel.close)
+        yield story_service_pb2_grpc.StoryServiceStub(channel)
+
+
+@pytest.fixture
+async def db(database_url):
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def events(nats_server):
+    """Reads what the relay published, straight from the JetStream stream."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+
+    async def read(expected: int, timeout: float = 10.0) -> list:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                sub = await js.pull_subscribe("story.created", durable=None, stream="STORY_EVENTS")
+                break
+            except Exception:  # the stream appears once the relay has declared it
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        messages = []
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while len(messages) < expected + 1:
+                messages += await sub.fetch(expected + 1 - len(messages), timeout=1.0 if messages else timeout)
+        await sub.unsubscribe()
+        return messages
+
+    yield read
+    await nc.close()
+
+
+def valid_content(**overrides) -> pb.StoryContent:
+    fields = {
+        "title": "Ward Nine",
+        "patient": pb.Patient(name="Edith Crane", age=41, diagnosis="Somnambulism", appearance="Pale, hollow-eyed"),
+        "chapters": [pb.Chapter(title="Admission", text="She arrived at night."), pb.Chapter(title="Night", text="...")],
+        "image_generation_prompt": "A portrait of a pale woman in a hospital gown",
+    }
+    return pb.StoryContent(**{**fields, **overrides})
+
+
+async def count_rows(db) -> tuple[int, int]:
+    return await db.fetchval("SELECT count(*) FROM story.stories"), await db.fetchval("SELECT count(*) FROM story.outbox")
+
+
+async def test_create_story_stores_it_and_publishes_story_created(story, events):
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
+
+    assert created.portrait_status == pb.PORTRAIT_STATUS_PENDING
+    fetched = (await story.GetStory(pb.GetStoryRequest(story_id=created.story_id), metadata=GATEWAY)).story
+    assert fetched == created
+    [message] = await events(1)
+    event = story_events_pb2.StoryCreated.FromString(message.data)
+    assert event.story_id == created.story_id
+    assert event.user_id == "u1"
+    assert event.image_generation_prompt == created.image_generation_prompt
+    assert event.portrait_attempt == 1
+    assert message.headers["Nats-Msg-Id"] == f"story.created:{created.story_id}:1"
+
+
+async def test_generate_story_with_the_local_writer(story, events):
+    generated = (await story.GenerateStory(pb.GenerateStoryRequest(user_id="u1", theme="a lighthouse"), metadata=GATEWAY)).story
+
+    assert generated.title and generated.patient.name and generated.image_generation_prompt
+    assert len(generated.chapters) == 3
+    assert all(chapter.text for chapter in generated.chapters)
+    assert len(await events(1)) == 1
+
+
+async def test_request_id_makes_creation_idempotent(story, events, db):
+    request = pb.CreateStoryRequest(user_id="u1", content=valid_content(), request_id="r-1")
+    first = (await story.CreateStory(request, metadata=GATEWAY)).story
+    second = (await story.CreateStory(request, metadata=GATEWAY)).story
+    generated = [
+        (await story.GenerateStory(pb.GenerateStoryRequest(user_id="u2", request_id="g-1"), metadata=GATEWAY)).story
+        for _ in range(2)
+    ]
+
+    assert first.story_id == second.story_id
+    assert generated[0].story_id == generated[1].story_id
+    assert await count_rows(db) == (2, 2)
+    assert len(await events(2)) == 2
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.CreateStoryRequest(user_id="", content=valid_content()), "user_id"),
+        (pb.CreateStoryRequest(user_id="   ", content=valid_content()), "user_id"),
+        (pb.CreateStoryRequest(user_id="x" * 129, content=valid_content()), "user_id"),
+        (pb.CreateStoryRequest(user_id="u1"), "content"),
+        (pb.CreateStoryRequest(user_id="u1", content=valid_content(title="")), "content.title"),
+        (pb.CreateStoryRequest(user_id="u1", content=pb.StoryContent(title="t", chapters=[pb.Chapter(title="a", text="b")])), "content.patient"),
+        (pb.CreateStoryRequest(user_id="u1", content=valid_content(chapters=[])), "content.chapters"),
+        (pb.CreateStoryRequest(user_id="u1", content=valid_content(image_generation_prompt="p" * 4001)), "content.image_generation_prompt"),
+        (pb.CreateStoryRequest(user_id="u1", content=valid_content(), request_id="r" * 129), "request_id"),
+    ],
+)
+async def test_bad_create_story_names_the_field_and_writes_nothing(story, db, request_, field):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.CreateStory(request_, metadata=GATEWAY)
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith(f"{field}:")
+    assert await count_rows(db) == (0, 0)
+
+
+async def test_bad_patient_and_chapter_fields_are_named(story, db):
+    content = valid_content()
+    content.patient.age = 200
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=content), metadata=GATEWAY)
+    assert raised.value.details().startswith("content.patient.age:")
+
+    content = valid_content()
+    content.chapters[1].text = " "
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=content), metadata=GATEWAY)
+    assert raised.value.details().startswith("content.chapters[1].text:")
+    assert await count_rows(db) == (0, 0)
+
+
+@pytest.mark.parametrize("story_id", ["", "not-a-uuid"])
+async def test_bad_story_id_is_invalid_argument(story, story_id):
+    for call, request, metadata in [
+        (story.GetStory, pb.GetStoryRequest(story_id=story_id), GATEWAY),
+        (story.SetStoryImage, pb.SetStoryImageRequest(story_id=story_id, storage_id="portraits/x.png"), IMAGE),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call(request, metadata=metadata)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details().startswith("story_id:")
+
+
+async def test_missing_story_is_not_found(story):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.GetStory(pb.GetStoryRequest(story_id="00000000-0000-4000-8000-000000000000"), metadata=GATEWAY)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_set_story_image_is_idempotent(story):
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
+    request = pb.SetStoryImageRequest(story_id=created.story_id, storage_id=f"portraits/{created.story_id}.png")
+
+    first = (await story.SetStoryImage(request, metadata=IMAGE)).story
+    second = (await story.SetStoryImage(request, metadata=IMAGE)).story
+
+    assert first.portrait_status == pb.PORTRAIT_STATUS_READY
+    assert first.storage_id == request.storage_id
+    assert second == first  # same update_time: the second call changed nothing
+
+
+async def test_portrait_status_never_takes_back_a_ready_portrait(story):
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
+    failed = (
+        await story.SetPortraitStatus(
+            pb.SetPortraitStatusRequest(story_id=created.story_id, status=pb.PORTRAIT_STATUS_FAILED, reason="provider down"),
+            metadata=IMAGE,
+        )
+    ).story
+    assert (failed.portrait_status, failed.portrait_error) == (pb.PORTRAIT_STATUS_FAILED, "provider down")
+
+    await story.SetStoryImage(pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/a.png"), metadata=IMAGE)
+    after = (
+        await story.SetPortraitStatus(
+            pb.SetPortraitStatusRequest(story_id=created.story_id, status=pb.PORTRAIT_STATUS_SKIPPED, reason="late"),
+            metadata=IMAGE,
+        )
+    ).story
+    assert after.portrait_status == pb.PORTRAIT_STATUS_READY
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.SetPortraitStatus(
+            pb.SetPortraitStatusRequest(story_id=created.story_id, status=pb.PORTRAIT_STATUS_READY, reason="x"), metadata=IMAGE
+        )
+    assert raised.value.details().startswith("status:")
+
+
+async def test_callers_are_checked(story):
+    request = pb.SetStoryImageRequest(story_id="00000000-0000-4000-8000-000000000000", storage_id="k")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.SetStoryImage(request)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.SetStoryImage(request, metadata=GATEWAY)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.GetStory(pb.GetStoryRequest(story_id=request.story_id), metadata=bearer_metadata("wrong"))
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_stories_are_created_while_nats_is_down_and_published_when_it_returns(story, events, nats_server, db):
+    await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)
+    assert len(await events(1)) == 1  # the relay is connected and the stream exists
+    nats_server.stop()
+
+    made_offline = [
+        (await story.GenerateStory(pb.GenerateStoryRequest(user_id="u1"), metadata=GATEWAY)).story.story_id for _ in range(3)
+    ]
+    await asyncio.sleep(0.5)
+    assert await db.fetchval("SELECT count(*) FROM story.outbox WHERE published_at IS NULL") == 3
+
+    nats_server.start()
+    published = await events(4, timeout=30)
+    ids = {story_events_pb2.StoryCreated.FromString(m.data).story_id for m in published}
+    assert set(made_offline) <= ids
+    assert len(published) == 4
+    assert await db.fetchval("SELECT count(*) FROM story.outbox WHERE published_at IS NULL") == 0
+
+
+async def test_republishing_an_outbox_row_creates_no_second_event(story, events, db):
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
+    assert len(await events(1)) == 1
+
+    # As if the relay crashed after publishing but before marking the row published.
+    await db.execute("UPDATE story.outbox SET published_at = NULL")
+    await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)  # wakes the relay
+    published = await events(2)
+
+    assert len(published) == 2
+    assert [story_events_pb2.StoryCreated.FromString(m.data).story_id for m in published].count(created.story_id) == 1
+    assert await db.fetchval("SELECT count(*) FROM story.outbox WHERE published_at IS NULL") == 0
+
+
+async def test_a_failed_outbox_insert_stores_no_story(story, db):
+    await db.execute(
+        """CREATE FUNCTION story.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'outbox refused'; END $$;
+           CREATE TRIGGER refuse BEFORE INSERT ON story.outbox FOR EACH ROW EXECUTE FUNCTION story.refuse();"""
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)
+
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert await count_rows(db) == (0, 0)
+
+
+async def test_watch_story_streams_until_the_portrait_is_ready(story):
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
+    seen = []
+
+    async def watch():
+        async for response in story.WatchStory(pb.WatchStoryRequest(story_id=created.story_id), metadata=GATEWAY):
+            seen.append(response.story.portrait_status)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.5)
+    await story.SetStoryImage(pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/x.png"), metadata=IMAGE)
+    await asyncio.wait_for(watcher, 10)
+
+    assert seen == [pb.PORTRAIT_STATUS_PENDING, pb.PORTRAIT_STATUS_READY]
+
+
+async def test_list_stories_pages_newest_first(story):
+    ids = [
+        (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story.story_id
+        for _ in range(5)
+    ]
+    await story.CreateStory(pb.CreateStoryRequest(user_id="someone-else", content=valid_content()), metadata=GATEWAY)
+
+    listed, token = [], ""
+    while True:
+        page = await story.ListStories(pb.ListStoriesRequest(user_id="u1", page_size=2, page_token=token), metadata=GATEWAY)
+        listed += [s.story_id for s in page.stories]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == list(reversed(ids))
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.ListStories(pb.ListStoriesRequest(user_id="u1", page_token="garbage"), metadata=GATEWAY)
+    assert raised.value.details().startswith("page_token:")
+
+
+async def test_retry_portrait_publishes_a_new_attempt(story, events):
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
+    await story.SetPortraitStatus(
+        pb.SetPortraitStatusRequest(story_id=created.story_id, status=pb.PORTRAIT_STATUS_FAILED, reason="down"), metadata=IMAGE
+    )
+
+    retried = (await story.RetryPortrait(pb.RetryPortraitRequest(story_id=created.story_id), metadata=ADMIN)).story
+
+    assert retried.portrait_status == pb.PORTRAIT_STATUS_PENDING
+    published = await events(2)
+    assert [story_events_pb2.StoryCreated.FromString(m.data).portrait_attempt for m in published] == [1, 2]
+    await story.SetStoryImage(pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/x.png"), metadata=IMAGE)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.RetryPortrait(pb.RetryPortraitRequest(story_id=created.story_id), metadata=ADMIN)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
