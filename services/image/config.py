@@ -1,0 +1,112 @@
+"""The image service's settings, read once from the environment at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.image.providers import PORTRAIT_PROVIDERS
+from shared.config import (
+    ConfigError,
+    Secret,
+    env_auth_tokens,
+    env_bool,
+    env_database_url,
+    env_float,
+    env_int,
+    env_listen_addr,
+    env_secret,
+    env_str,
+)
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/casefile"
+DEFAULT_REDELIVERY_BACKOFF = "2,5,15,30,60,120,300"
+RECRAFT_DEFAULT_BASE_URL = "https://external.api.recraft.ai/v1"
+# The name under which AUTH_TOKENS lists this service's own token for outgoing calls.
+OWN_CALLER_NAME = "image"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_addr: str
+    database_url: str
+    nats_url: str
+    s3_endpoint_url: str | None
+    s3_public_endpoint_url: str | None
+    s3_bucket: str
+    s3_region: str
+    story_addr: str
+    auth_tokens: Secret
+    outgoing_token: Secret
+    portrait_provider: str
+    recraft_api_key: Secret | None
+    recraft_base_url: str
+    allow_private_downloads: bool
+    portrait_concurrency: int
+    portrait_max_deliver: int
+    portrait_redelivery_backoff_seconds: tuple[float, ...]
+    portrait_attempt_budget_seconds: float
+    portrait_shutdown_grace_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        tokens = env_auth_tokens(env)
+        max_deliver = env_int(env, "PORTRAIT_MAX_DELIVER", 8, minimum=1)
+        return cls(
+            listen_addr=env_listen_addr(env, "IMAGE_ADDR", "127.0.0.1:50052"),
+            database_url=env_database_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL),
+            nats_url=env_str(env, "NATS_URL", "nats://127.0.0.1:4222"),
+            s3_endpoint_url=_optional(env, "S3_ENDPOINT_URL"),
+            s3_public_endpoint_url=_optional(env, "S3_PUBLIC_ENDPOINT_URL"),
+            s3_bucket=env_str(env, "S3_BUCKET", "casefile"),
+            s3_region=env_str(env, "S3_REGION", env_str(env, "AWS_DEFAULT_REGION", "us-east-1")),
+            story_addr=env_str(env, "STORY_ADDR", "127.0.0.1:50051"),
+            auth_tokens=tokens,
+            outgoing_token=_own_token(tokens),
+            portrait_provider=_provider_name(env),
+            recraft_api_key=env_secret(env, "RECRAFT_API_KEY"),
+            recraft_base_url=env_str(env, "RECRAFT_BASE_URL", RECRAFT_DEFAULT_BASE_URL),
+            allow_private_downloads=env_bool(env, "ALLOW_PRIVATE_DOWNLOADS", False),
+            portrait_concurrency=env_int(env, "PORTRAIT_CONCURRENCY", 4, minimum=1),
+            portrait_max_deliver=max_deliver,
+            portrait_redelivery_backoff_seconds=_backoff_list(env),
+            portrait_attempt_budget_seconds=env_float(
+                env, "PORTRAIT_ATTEMPT_BUDGET_SECONDS", 60, minimum=0.1
+            ),
+            portrait_shutdown_grace_seconds=env_float(
+                env, "PORTRAIT_SHUTDOWN_GRACE_SECONDS", 5, minimum=0
+            ),
+        )
+
+
+def _provider_name(env: Mapping[str, str]) -> str:
+    name = env_str(env, "PORTRAIT_PROVIDER", "local").lower()
+    if name not in PORTRAIT_PROVIDERS:
+        choices = ", ".join(PORTRAIT_PROVIDERS)
+        raise ConfigError("PORTRAIT_PROVIDER", f"must be one of {choices}, got {name!r}")
+    return name
+
+
+def _optional(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _own_token(tokens: Secret) -> Secret:
+    for token, caller in tokens.reveal().items():
+        if caller == OWN_CALLER_NAME:
+            return Secret(token)
+    raise ConfigError("AUTH_TOKENS", f"must hold a token for '{OWN_CALLER_NAME}' (used to call story)")
+
+
+def _backoff_list(env: Mapping[str, str]) -> tuple[float, ...]:
+    name = "PORTRAIT_REDELIVERY_BACKOFF_SECONDS"
+    # The name is spelled out in the call so that tools scanning config.py see it.
+    raw = env_str(env, "PORTRAIT_REDELIVERY_BACKOFF_SECONDS", DEFAULT_REDELIVERY_BACKOFF)
+    try:
+        delays = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(name, f"must be a comma list of seconds, got {raw!r}") from None
+    if any(not delay > 0 or delay > 86_400 for delay in delays):
+        raise ConfigError(name, "every delay must be above 0 and at most 86400 seconds")
+    return delays

@@ -1,0 +1,105 @@
+"""The ImageService gRPC servicer: request -> one domain call -> response."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from casefile.image.v1 import image_service_pb2, image_service_pb2_grpc
+from services.image import domain
+from shared.auth import allow, current_caller
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "casefile.image.v1.ImageService"
+
+# The one place where domain errors become status codes (most specific class first).
+ERROR_CODES: dict[type[domain.DomainError], grpc.StatusCode] = {
+    domain.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    domain.NotFound: grpc.StatusCode.NOT_FOUND,
+    domain.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    domain.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+_PLAYER_FACING = ("gateway", "admin")
+# Who may call what, as in CONTRACT.md's "who may call" column.
+ALLOWED_CALLERS = allow(
+    SERVICE_NAME,
+    {
+        "CreateGenerationJob": _PLAYER_FACING,
+        "GetGenerationJob": _PLAYER_FACING,
+        "ListGenerationJobs": _PLAYER_FACING,
+        "WatchGenerationJob": _PLAYER_FACING,
+        "CancelGenerationJob": _PLAYER_FACING,
+        "ListModels": _PLAYER_FACING,
+        "GetImageUrl": (*_PLAYER_FACING, "story"),
+        "DeleteImage": _PLAYER_FACING,
+        "GetJobStats": _PLAYER_FACING,
+    },
+)
+
+
+def status_code_for(error: domain.DomainError) -> grpc.StatusCode:
+    for error_class in type(error).__mro__:
+        if error_class in ERROR_CODES:
+            return ERROR_CODES[error_class]
+    # A DomainError without an entry is a server-side bug, never the caller's mistake.
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort_with(context: grpc.aio.ServicerContext, method: str, error: domain.DomainError) -> None:
+    code = status_code_for(error)
+    log.info(
+        "rpc.refused",
+        extra={"method": method, "caller": current_caller(), "code": code.name, "error": str(error)},
+    )
+    await context.abort(code, str(error))
+
+
+async def _not_implemented(context: grpc.aio.ServicerContext, method: str) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
+
+
+class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
+    def __init__(self, objects: domain.PortraitObjects) -> None:
+        self._objects = objects
+
+    async def GetImageUrl(self, request, context):
+        try:
+            signed = await domain.image_url(
+                self._objects,
+                storage_id=request.storage_id,
+                user_id=request.user_id,
+                expires_in_seconds=request.expires_in_seconds,
+            )
+        except domain.DomainError as error:
+            await _abort_with(context, "GetImageUrl", error)
+        expire_time = Timestamp()
+        expire_time.FromDatetime(signed.expire_time)
+        return image_service_pb2.GetImageUrlResponse(url=signed.url, expire_time=expire_time)
+
+    async def CreateGenerationJob(self, request, context):
+        await _not_implemented(context, "CreateGenerationJob")
+
+    async def GetGenerationJob(self, request, context):
+        await _not_implemented(context, "GetGenerationJob")
+
+    async def ListGenerationJobs(self, request, context):
+        await _not_implemented(context, "ListGenerationJobs")
+
+    async def WatchGenerationJob(self, request, context):
+        await _not_implemented(context, "WatchGenerationJob")
+
+    async def CancelGenerationJob(self, request, context):
+        await _not_implemented(context, "CancelGenerationJob")
+
+    async def ListModels(self, request, context):
+        await _not_implemented(context, "ListModels")
+
+    async def DeleteImage(self, request, context):
+        await _not_implemented(context, "DeleteImage")
+
+    async def GetJobStats(self, request, context):
+        await _not_implemented(context, "GetJobStats")

@@ -1,0 +1,146 @@
+"""Wires the image service together, serves it, and shuts it down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import aiobotocore.session
+import asyncpg
+import grpc
+
+from casefile.image.v1 import image_service_pb2_grpc
+from casefile.story.v1 import story_service_pb2_grpc
+from services.image.config import Config
+from services.image.domain import PortraitDeps, PortraitEvent, PortraitOutcome, paint_portrait
+from services.image.handlers import ALLOWED_CALLERS, SERVICE_NAME, ImageServicer
+from services.image.messaging import ConsumerSettings, PortraitConsumer
+from services.image.objects import ObjectStore, s3_client_config
+from services.image.providers import build_portrait_provider
+from services.image.story_client import StoryClient
+from shared.auth import AuthInterceptor
+from shared.config import ConfigError
+from shared.db import create_pool
+from shared.grpc_server import RunningServer, ServiceSpec, run_service, start_grpc_server
+from shared.logs import configure_logging
+from shared.migrations import apply_migrations
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Connections beyond the painting slots serve the migration runner and bookkeeping.
+EXTRA_POOL_CONNECTIONS = 2
+
+
+async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServer:
+    """Everything the service needs, each cleanup pushed on `stack`; returns the server."""
+    pool = await _open_database(config, stack)
+    objects = await _open_object_store(config, stack)
+    deps = PortraitDeps(
+        pool=pool,
+        provider=build_portrait_provider(
+            config.portrait_provider,
+            recraft_api_key=config.recraft_api_key.reveal() if config.recraft_api_key else None,
+            recraft_base_url=config.recraft_base_url,
+            allow_private_downloads=config.allow_private_downloads,
+        ),
+        objects=objects,
+        stories=_open_story_client(config, stack),
+        budget_seconds=config.portrait_attempt_budget_seconds,
+    )
+    _start_consumer(config, deps, stack)
+    servicer = ImageServicer(objects)
+    server = await start_grpc_server(
+        listen_addr=config.listen_addr,
+        services=[
+            ServiceSpec(
+                SERVICE_NAME,
+                lambda grpc_server: image_service_pb2_grpc.add_ImageServiceServicer_to_server(
+                    servicer, grpc_server
+                ),
+            )
+        ],
+        interceptors=[AuthInterceptor(config.auth_tokens.reveal(), ALLOWED_CALLERS)],
+    )
+    # Stopping twice is harmless; this covers callers (tests) that only close the stack.
+    stack.push_async_callback(server.stop, 0)
+    return server
+
+
+async def _open_database(config: Config, stack: contextlib.AsyncExitStack) -> asyncpg.Pool:
+    pool = await create_pool(
+        config.database_url,
+        min_size=1,
+        max_size=config.portrait_concurrency + EXTRA_POOL_CONNECTIONS,
+        application_name="casefile-image",
+    )
+    stack.push_async_callback(pool.close)
+    async with pool.acquire() as conn:
+        await apply_migrations(conn, "image", MIGRATIONS_DIR)
+    return pool
+
+
+async def _open_object_store(config: Config, stack: contextlib.AsyncExitStack) -> ObjectStore:
+    session = aiobotocore.session.get_session()
+    client = await stack.enter_async_context(_s3_client(session, config, config.s3_endpoint_url))
+    presign_client = None
+    public = config.s3_public_endpoint_url
+    if public and public != config.s3_endpoint_url:
+        presign_client = await stack.enter_async_context(_s3_client(session, config, public))
+    objects = ObjectStore(client, config.s3_bucket, region=config.s3_region, presign_client=presign_client)
+    if not await objects.try_ensure_bucket():
+        log.warning("s3.unavailable_at_start", extra={"bucket": config.s3_bucket})
+    return objects
+
+
+def _s3_client(session, config: Config, endpoint_url: str | None):
+    return session.create_client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=config.s3_region,
+        config=s3_client_config(custom_endpoint=endpoint_url is not None),
+    )
+
+
+def _open_story_client(config: Config, stack: contextlib.AsyncExitStack) -> StoryClient:
+    channel = grpc.aio.insecure_channel(config.story_addr)
+    stack.push_async_callback(channel.close)
+    stub = story_service_pb2_grpc.StoryServiceStub(channel)
+    return StoryClient(stub, config.outgoing_token.reveal())
+
+
+def _start_consumer(config: Config, deps: PortraitDeps, stack: contextlib.AsyncExitStack) -> None:
+    async def paint(event: PortraitEvent, final_delivery: bool) -> PortraitOutcome:
+        return await paint_portrait(event, deps, final_delivery=final_delivery)
+
+    consumer = PortraitConsumer(
+        ConsumerSettings(
+            nats_url=config.nats_url,
+            concurrency=config.portrait_concurrency,
+            max_deliver=config.portrait_max_deliver,
+            redelivery_backoff_seconds=config.portrait_redelivery_backoff_seconds,
+            attempt_budget_seconds=config.portrait_attempt_budget_seconds,
+            shutdown_grace_seconds=config.portrait_shutdown_grace_seconds,
+        ),
+        paint,
+    )
+    consumer.start()
+    stack.push_async_callback(consumer.stop)
+
+
+def main() -> None:
+    configure_logging("image")
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError as error:
+        log.error("config.invalid", extra={"error": str(error)})
+        sys.exit(2)
+    asyncio.run(run_service("image", lambda stack: build(config, stack)))
+
+
+if __name__ == "__main__":
+    main()

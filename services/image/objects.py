@@ -1,0 +1,140 @@
+"""S3 object storage for images, over aiobotocore."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import botocore.exceptions
+from aiobotocore.config import AioConfig
+
+from services.image.domain import Unavailable
+
+log = logging.getLogger(__name__)
+
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+_ALREADY_MINE_CODES = frozenset({"BucketAlreadyOwnedByYou"})
+_FORBIDDEN_CODES = frozenset({"403", "AccessDenied", "Forbidden"})
+# Everything a network or S3 failure can raise through aiobotocore.
+_S3_FAILURES = (
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    aiohttp.ClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def s3_client_config(*, custom_endpoint: bool) -> AioConfig:
+    """Short timeouts and few retries: the portrait consumer retries through redelivery."""
+    # botocore's defaults (60 s connect timeout, legacy retries) would hold a message for
+    # minutes while S3 is down, longer than the consumer's ack wait.
+    return AioConfig(
+        signature_version="s3v4",
+        connect_timeout=5,
+        read_timeout=30,
+        retries={"max_attempts": 2, "mode": "standard"},
+        # MinIO, moto and rclone on host:port need bucket-in-path URLs; AWS prefers its default.
+        s3={"addressing_style": "path" if custom_endpoint else "auto"},
+    )
+
+
+class ObjectStore:
+    """One bucket. `presign_client` signs URLs for the endpoint clients reach, if different."""
+
+    def __init__(self, client: Any, bucket: str, *, region: str, presign_client: Any = None) -> None:
+        self._client = client
+        self._presign_client = presign_client or client
+        self.bucket = bucket
+        self._region = region
+        self._bucket_ready = False
+        self._bucket_lock = asyncio.Lock()
+
+    async def ensure_bucket(self) -> None:
+        """Creates the bucket when missing; raises Unavailable when S3 cannot be reached."""
+        if self._bucket_ready:
+            return
+        async with self._bucket_lock:
+            if self._bucket_ready:
+                return
+            try:
+                await self._create_bucket_if_missing()
+            except _S3_FAILURES as error:
+                log.warning(
+                    "s3.bucket_check_failed",
+                    extra={"bucket": self.bucket, "error": _describe(error)},
+                )
+                raise Unavailable(f"object storage: {_describe(error)}") from error
+            self._bucket_ready = True
+
+    async def try_ensure_bucket(self) -> bool:
+        """At start-up: an S3 outage must not stop the service; put() checks again later."""
+        try:
+            await self.ensure_bucket()
+        except Unavailable:
+            return False
+        return True
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        await self.ensure_bucket()
+        try:
+            await self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
+            )
+        except _S3_FAILURES as error:
+            raise Unavailable(f"object storage: {_describe(error)}") from error
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self._client.head_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as error:
+            if _error_code(error) in _MISSING_CODES:
+                return False
+            raise Unavailable(f"object storage: {_describe(error)}") from error
+        except _S3_FAILURES as error:
+            raise Unavailable(f"object storage: {_describe(error)}") from error
+        return True
+
+    async def presigned_get_url(self, key: str, expires_in: int) -> str:
+        # Signing is local computation; no request reaches S3 here.
+        return await self._presign_client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
+        )
+
+    async def _create_bucket_if_missing(self) -> None:
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+            return
+        except botocore.exceptions.ClientError as error:
+            if _error_code(error) in _FORBIDDEN_CODES:
+                # Credentials allowed to write objects but not to inspect the bucket are a
+                # normal least-privilege setup: the first put will tell if it is missing.
+                log.warning("s3.bucket_unverifiable", extra={"bucket": self.bucket})
+                return
+            if _error_code(error) not in _MISSING_CODES:
+                raise
+        try:
+            await self._client.create_bucket(**self._create_bucket_args())
+        except botocore.exceptions.ClientError as error:
+            # Another image process may have created it between our check and our create.
+            if _error_code(error) not in _ALREADY_MINE_CODES:
+                raise
+        log.info("s3.bucket_created", extra={"bucket": self.bucket})
+
+    def _create_bucket_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"Bucket": self.bucket}
+        # us-east-1 is S3's default location and rejects an explicit constraint.
+        if self._region != "us-east-1":
+            args["CreateBucketConfiguration"] = {"LocationConstraint": self._region}
+        return args
+
+
+def _error_code(error: botocore.exceptions.ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:300]

@@ -1,0 +1,459 @@
+"""The portrait pipeline of the image service, end to end on real servers.
+
+Each test runs the real image service (build()) against its own nats-server, its own
+PostgreSQL database and a fresh bucket on moto. The story service is played by a small
+real grpc.aio StoryService that records SetStoryImage / SetPortraitStatus: a fake peer,
+so that what the image service did is visible call by call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import io
+import uuid
+from collections.abc import Callable
+
+import aiobotocore.session
+import asyncpg
+import grpc
+import nats
+import pytest
+from PIL import Image
+
+from casefile.story.v1 import story_events_pb2, story_service_pb2, story_service_pb2_grpc
+from services.image.config import Config
+from services.image.main import build
+from shared.nats import ensure_stream, msg_id_headers
+from tests.fakes.recraft import FakeRecraft
+from tests.fakes.tcp_proxy import TcpProxy
+
+TOKENS = "admin:t-admin,gateway:t-gateway,story:t-story,image:t-image"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STREAM = "STORY_EVENTS"
+DURABLE = "image-portraits"
+# Short enough that a redelivery or a give-up happens within a test's few seconds.
+FAST_SETTINGS = {
+    "PORTRAIT_REDELIVERY_BACKOFF_SECONDS": "0.2,0.4",
+    "PORTRAIT_ATTEMPT_BUDGET_SECONDS": "2",
+    "PORTRAIT_MAX_DELIVER": "8",
+    "PORTRAIT_CONCURRENCY": "4",
+}
+
+
+# ---------------------------------------------------------------------------- the story peer
+
+
+class RecordingStoryService(story_service_pb2_grpc.StoryServiceServicer):
+    """Answers the two calls the image service makes, records them, fails when told to."""
+
+    def __init__(self) -> None:
+        self.images: list[tuple[str, str]] = []
+        self.statuses: list[tuple[str, int, str]] = []
+        self.unavailable_next = 0
+        self.callers: set[str] = set()
+
+    async def SetStoryImage(self, request, context):
+        await self._admit(context)
+        self.images.append((request.story_id, request.storage_id))
+        story = story_service_pb2.Story(
+            story_id=request.story_id,
+            storage_id=request.storage_id,
+            portrait_status=story_service_pb2.PORTRAIT_STATUS_READY,
+        )
+        return story_service_pb2.SetStoryImageResponse(story=story)
+
+    async def SetPortraitStatus(self, request, context):
+        await self._admit(context)
+        self.statuses.append((request.story_id, request.status, request.reason))
+        story = story_service_pb2.Story(
+            story_id=request.story_id, portrait_status=request.status, portrait_error=request.reason
+        )
+        return story_service_pb2.SetPortraitStatusResponse(story=story)
+
+    async def _admit(self, context) -> None:
+        metadata = dict(context.invocation_metadata())
+        self.callers.add(metadata.get("authorization", ""))
+        if metadata.get("authorization") != "Bearer t-image":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+        if self.unavailable_next:
+            self.unavailable_next -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "story is restarting")
+
+
+@pytest.fixture
+async def story_peer():
+    servicer = RecordingStoryService()
+    server = grpc.aio.server()
+    story_service_pb2_grpc.add_StoryServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    servicer.address = f"127.0.0.1:{port}"
+    yield servicer
+    await server.stop(0)
+
+
+# ---------------------------------------------------------------------------- the image service
+
+
+@pytest.fixture
+def image_env(database_url, nats_server, s3_endpoint_url, s3_bucket, story_peer):
+    def make(**overrides: str) -> dict[str, str]:
+        return {
+            "IMAGE_ADDR": "127.0.0.1:0",
+            "DATABASE_URL": database_url,
+            "NATS_URL": nats_server.url,
+            "S3_ENDPOINT_URL": s3_endpoint_url,
+            "S3_BUCKET": s3_bucket,
+            "STORY_ADDR": story_peer.address,
+            "AUTH_TOKENS": TOKENS,
+            "PORTRAIT_PROVIDER": "local",
+            **FAST_SETTINGS,
+            **overrides,
+        }
+
+    return make
+
+
+@pytest.fixture
+async def start_image(image_env):
+    """start_image(env) builds the image service; everything closes after the test."""
+    # Depending on image_env makes the service stop before its database, NATS and S3 go.
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(env: dict[str, str]):
+            return await build(Config.from_env(env), stack)
+
+        yield start
+
+
+@pytest.fixture
+async def s3(s3_endpoint_url):
+    session = aiobotocore.session.get_session()
+    async with session.create_client("s3", endpoint_url=s3_endpoint_url, region_name="us-east-1") as client:
+        yield client
+
+
+@pytest.fixture
+async def js(nats_server):
+    """The test's own JetStream connection, playing the story service's outbox relay."""
+    nc = await nats.connect(nats_server.url)
+    context = nc.jetstream()
+    await ensure_stream(
+        context, name=STREAM, subjects=["story.created"], max_age_seconds=7 * 24 * 3600,
+        duplicate_window_seconds=120,
+    )
+    yield context
+    await nc.close()
+
+
+@pytest.fixture
+async def db(database_url):
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
+
+
+async def publish_story_created(js, story_id: str, prompt: str, *, attempt: int = 1, msg_id: str | None = None):
+    event = story_events_pb2.StoryCreated(
+        story_id=story_id, user_id="u1", image_generation_prompt=prompt, portrait_attempt=attempt
+    )
+    headers = msg_id_headers(msg_id or f"story.created:{story_id}:{attempt}")
+    return await js.publish("story.created", event.SerializeToString(), headers=headers)
+
+
+async def eventually(check: Callable, *, timeout: float = 10.0, what: str = "condition"):
+    """Polls `check` (sync or async) until it returns something truthy; returns that."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def consumer_settled(js, messages: int) -> bool:
+    """Every one of the first `messages` stream messages was acked or terminated."""
+    try:
+        info = await js.consumer_info(STREAM, DURABLE)
+    except Exception:
+        return False  # not declared yet
+    return info.ack_floor.stream_seq >= messages and info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def portrait_row(db, story_id: str, attempt: int = 1):
+    return await db.fetchrow(
+        "SELECT status, storage_id, error, deliveries FROM image.portraits WHERE story_id = $1 AND attempt = $2",
+        uuid.UUID(story_id),
+        attempt,
+    )
+
+
+async def stored_keys(s3, bucket: str) -> list[str]:
+    answer = await s3.list_objects_v2(Bucket=bucket, Prefix="portraits/")
+    return [item["Key"] for item in answer.get("Contents", [])]
+
+
+async def read_object(s3, bucket: str, key: str) -> tuple[bytes, str]:
+    answer = await s3.get_object(Bucket=bucket, Key=key)
+    async with answer["Body"] as body:
+        return await body.read(), answer["ContentType"]
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+async def test_event_is_painted_stored_and_attached_once(image_env, start_image, js, story_peer, s3, s3_bucket, db):
+    await start_image(image_env())
+    story_id = str(uuid.uuid4())
+
+    await publish_story_created(js, story_id, "a pale man in a straitjacket")
+
+    await eventually(lambda: story_peer.images, what="SetStoryImage")
+    key = f"portraits/{story_id}.png"
+    assert story_peer.images == [(story_id, key)]
+    data, content_type = await read_object(s3, s3_bucket, key)
+    assert data.startswith(PNG_MAGIC) and content_type == "image/png"
+    with Image.open(io.BytesIO(data)) as picture:
+        assert picture.format == "PNG" and picture.size == (1024, 1024)
+    await eventually(lambda: consumer_settled(js, 1), what="the ack")
+    row = await portrait_row(db, story_id)
+    assert (row["status"], row["storage_id"], row["deliveries"]) == ("READY", key, 1)
+    assert story_peer.statuses == []
+
+
+async def test_same_event_twice_gives_one_object_and_one_attachment(
+    image_env, start_image, js, story_peer, s3, s3_bucket, db
+):
+    await start_image(image_env())
+    story_id = str(uuid.uuid4())
+
+    # Different message ids, so JetStream keeps both: the image service must dedupe.
+    await publish_story_created(js, story_id, "twins", msg_id=f"story.created:{story_id}:1")
+    await publish_story_created(js, story_id, "twins", msg_id=f"story.created:{story_id}:1:again")
+
+    await eventually(lambda: consumer_settled(js, 2), what="both events acked")
+    assert story_peer.images == [(story_id, f"portraits/{story_id}.png")]
+    assert await stored_keys(s3, s3_bucket) == [f"portraits/{story_id}.png"]
+    row = await portrait_row(db, story_id)
+    assert row["status"] == "READY" and row["deliveries"] >= 2
+
+
+async def test_blank_prompt_is_skipped(image_env, start_image, js, story_peer, s3, s3_bucket, db):
+    await start_image(image_env())
+    story_id = str(uuid.uuid4())
+
+    await publish_story_created(js, story_id, "  \n\t ")
+
+    await eventually(lambda: story_peer.statuses, what="SetPortraitStatus")
+    assert story_peer.statuses == [
+        (story_id, story_service_pb2.PORTRAIT_STATUS_SKIPPED, "image_generation_prompt is blank")
+    ]
+    await eventually(lambda: consumer_settled(js, 1), what="the ack")
+    assert story_peer.images == []
+    assert await stored_keys(s3, s3_bucket) == []
+    assert (await portrait_row(db, story_id))["status"] == "SKIPPED"
+
+
+async def test_recraft_without_key_marks_failed_and_acks(image_env, start_image, js, story_peer, db):
+    await start_image(image_env(PORTRAIT_PROVIDER="recraft"))
+    story_id = str(uuid.uuid4())
+
+    await publish_story_created(js, story_id, "a nurse with no face")
+
+    await eventually(lambda: story_peer.statuses, what="SetPortraitStatus")
+    [(failed_id, status, reason)] = story_peer.statuses
+    assert (failed_id, status) == (story_id, story_service_pb2.PORTRAIT_STATUS_FAILED)
+    assert "RECRAFT_API_KEY" in reason
+    await eventually(lambda: consumer_settled(js, 1), what="the ack")
+    info = await js.consumer_info(STREAM, DURABLE)
+    assert info.num_redelivered == 0  # a missing key is not retried
+    row = await portrait_row(db, story_id)
+    assert (row["status"], row["deliveries"]) == ("FAILED", 1)
+
+
+async def test_recraft_portrait_is_downloaded_and_stored_as_png(image_env, start_image, js, story_peer, s3, s3_bucket):
+    async with FakeRecraft(api_key="k-test") as recraft:
+        await start_image(
+            image_env(
+                PORTRAIT_PROVIDER="recraft",
+                RECRAFT_API_KEY="k-test",
+                RECRAFT_BASE_URL=recraft.api_base_url,
+                ALLOW_PRIVATE_DOWNLOADS="true",
+            )
+        )
+        story_id = str(uuid.uuid4())
+        recraft.fail_next(1, status=503)  # one transient failure, retried within the budget
+
+        await publish_story_created(js, story_id, "the ward at night")
+
+        await eventually(lambda: story_peer.images, what="SetStoryImage")
+        generations = recraft.requests_to("/v1/images/generations")
+        assert len(generations) == 2
+        assert generations[-1].json()["prompt"] == "the ward at night"
+        data, _ = await read_object(s3, s3_bucket, f"portraits/{story_id}.png")
+        assert data.startswith(PNG_MAGIC)
+
+
+async def test_transient_failures_until_the_last_delivery_mark_failed(image_env, start_image, js, story_peer, db):
+    async with FakeRecraft(api_key="k-test") as recraft:
+        recraft.fail_next(100, status=503)
+        await start_image(
+            image_env(
+                PORTRAIT_PROVIDER="recraft",
+                RECRAFT_API_KEY="k-test",
+                RECRAFT_BASE_URL=recraft.api_base_url,
+                PORTRAIT_MAX_DELIVER="2",
+                PORTRAIT_ATTEMPT_BUDGET_SECONDS="0.5",
+            )
+        )
+        story_id = str(uuid.uuid4())
+
+        await publish_story_created(js, story_id, "the basement")
+
+        await eventually(lambda: story_peer.statuses, what="SetPortraitStatus")
+        [(_, status, reason)] = story_peer.statuses
+        assert status == story_service_pb2.PORTRAIT_STATUS_FAILED
+        assert reason.startswith("gave up after 2 deliveries") and "503" in reason
+        await eventually(lambda: consumer_settled(js, 1), what="the final ack")
+        row = await portrait_row(db, story_id)
+        assert (row["status"], row["deliveries"]) == ("FAILED", 2)
+        assert story_peer.images == []
+
+
+async def test_s3_down_naks_and_the_portrait_arrives_after_restore(
+    image_env, start_image, js, story_peer, s3, s3_bucket, s3_server, db
+):
+    proxy = await TcpProxy(s3_server.host, s3_server.port).start()
+    try:
+        await proxy.cut()  # down before start-up too: the service must start anyway
+        await start_image(image_env(S3_ENDPOINT_URL=proxy.url))
+        story_id = str(uuid.uuid4())
+
+        await publish_story_created(js, story_id, "the orderly")
+
+        async def redelivered() -> bool:
+            row = await portrait_row(db, story_id)
+            return row is not None and row["deliveries"] >= 2
+
+        await eventually(redelivered, what="redeliveries while S3 is down")
+        assert story_peer.images == []
+        row = await portrait_row(db, story_id)
+        assert row["status"] == "PENDING" and "object storage" in row["error"]
+
+        await proxy.restore()
+        await eventually(lambda: story_peer.images, what="SetStoryImage after S3 came back")
+        assert story_peer.images == [(story_id, f"portraits/{story_id}.png")]
+        assert await stored_keys(s3, s3_bucket) == [f"portraits/{story_id}.png"]
+        await eventually(lambda: consumer_settled(js, 1), what="the ack")
+    finally:
+        await proxy.close()
+
+
+async def test_story_down_after_upload_reuses_the_stored_object(image_env, start_image, js, story_peer, s3, s3_bucket, db):
+    story_peer.unavailable_next = 2
+    await start_image(image_env())
+    story_id = str(uuid.uuid4())
+
+    await publish_story_created(js, story_id, "the matron")
+
+    await eventually(lambda: story_peer.images, what="SetStoryImage once story is back")
+    assert story_peer.images == [(story_id, f"portraits/{story_id}.png")]
+    await eventually(lambda: consumer_settled(js, 1), what="the ack")
+    row = await portrait_row(db, story_id)
+    assert (row["status"], row["deliveries"]) == ("READY", 3)
+    assert await stored_keys(s3, s3_bucket) == [f"portraits/{story_id}.png"]
+
+
+async def test_undecodable_event_is_terminated_and_the_next_one_painted(image_env, start_image, js, story_peer):
+    await start_image(image_env())
+    await js.publish("story.created", b"\xff\x00 not a protobuf", headers=msg_id_headers("garbage-1"))
+    await publish_story_created(js, "not-a-uuid", "x", msg_id="garbage-2")
+    story_id = str(uuid.uuid4())
+    await publish_story_created(js, story_id, "the visitor")
+
+    await eventually(lambda: story_peer.images, what="the valid event painted")
+    await eventually(lambda: consumer_settled(js, 3), what="all three settled")
+    info = await js.consumer_info(STREAM, DURABLE)
+    assert info.num_redelivered == 0  # terminated, never retried
+    assert story_peer.images == [(story_id, f"portraits/{story_id}.png")]
+    assert story_peer.statuses == []
+
+
+async def test_consumer_survives_a_nats_restart(image_env, start_image, nats_server, story_peer):
+    await start_image(image_env())
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        js = nc.jetstream()
+        await eventually(lambda: consumer_settled(js, 0), what="the consumer declared")
+        await publish_story_created(js, first, "before the outage")
+        await eventually(lambda: len(story_peer.images) == 1, what="the first portrait")
+
+        await asyncio.to_thread(nats_server.stop)
+        await asyncio.sleep(1.5)  # long enough for fetches to fail and the client to notice
+        await asyncio.to_thread(nats_server.start)
+
+        await eventually(lambda: nc.is_connected, what="the test client reconnected")
+        await publish_story_created(js, second, "after the outage")
+        await eventually(lambda: len(story_peer.images) == 2, timeout=15, what="the second portrait")
+        assert [story for story, _ in story_peer.images] == [first, second]
+    finally:
+        await nc.close()
+
+
+async def test_service_starts_while_nats_is_down_and_paints_once_it_is_up(
+    image_env, start_image, nats_server, story_peer
+):
+    await asyncio.to_thread(nats_server.stop)
+    server = await start_image(image_env())
+    assert server.port > 0
+
+    await asyncio.to_thread(nats_server.start)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(
+            js, name=STREAM, subjects=["story.created"], max_age_seconds=7 * 24 * 3600,
+            duplicate_window_seconds=120,
+        )
+        story_id = str(uuid.uuid4())
+        await publish_story_created(js, story_id, "late arrival")
+        await eventually(lambda: story_peer.images, timeout=15, what="the portrait")
+    finally:
+        await nc.close()
+
+
+async def test_stopping_mid_paint_hands_the_event_to_another_process(image_env, js, story_peer, db):
+    """Two image processes share the durable; one stops mid-portrait, the other finishes it."""
+    async with FakeRecraft(api_key="k-test") as recraft:
+        env = image_env(
+            PORTRAIT_PROVIDER="recraft",
+            RECRAFT_API_KEY="k-test",
+            RECRAFT_BASE_URL=recraft.api_base_url,
+            ALLOW_PRIVATE_DOWNLOADS="true",
+            # The ack wait (budget + 30 s) is far beyond this test's timeouts: only a nak on
+            # shutdown and a released lease can bring the event back in time.
+            PORTRAIT_ATTEMPT_BUDGET_SECONDS="20",
+            PORTRAIT_SHUTDOWN_GRACE_SECONDS="0.2",
+        )
+        recraft.delay_seconds = 60
+        story_id = str(uuid.uuid4())
+        async with contextlib.AsyncExitStack() as first_process:
+            await build(Config.from_env(env), first_process)
+            await publish_story_created(js, story_id, "the night porter")
+            await eventually(lambda: recraft.requests, what="the first process calling the provider")
+
+        recraft.delay_seconds = 0
+        async with contextlib.AsyncExitStack() as second_process:
+            await build(Config.from_env(env), second_process)
+            await eventually(lambda: story_peer.images, timeout=8, what="the second process painting it")
+            assert story_peer.images == [(story_id, f"portraits/{story_id}.png")]
+            await eventually(lambda: consumer_settled(js, 1), what="the ack")
+        row = await portrait_row(db, story_id)
+        assert (row["status"], row["deliveries"]) == ("READY", 2)
