@@ -8,6 +8,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 import asyncpg
 
+from shared.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # The database every PostgreSQL server has, used to create the others.
@@ -15,21 +17,64 @@ _MAINTENANCE_DATABASE = "postgres"
 _DATABASE_QUERY_KEYS = ("dbname", "database")
 
 
+class DatabaseUnreachable(ConfigError):
+    """DATABASE_URL names no database this process can use; the message says why."""
+
+    def __init__(self, dsn: str, reason: str) -> None:
+        host, port = _address(dsn)
+        # Host, port and database only: the DSN may carry a password.
+        super().__init__("DATABASE_URL", f"cannot connect to {host}:{port}/{database_name(dsn)}: {reason}")
+
+
+# A server that is starting (or a port nobody answers yet) may come up in a moment;
+# a wrong database name or password will not.
+_TRANSIENT_CONNECT_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError)
+
+
 async def create_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    application_name: str,
+    connect_timeout: float = 15.0,
 ) -> asyncpg.Pool:
-    """A pool whose connections show `application_name` in pg_stat_activity."""
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        server_settings={"application_name": application_name},
-    )
+    """A pool whose connections show `application_name` in pg_stat_activity.
+
+    Keeps trying for `connect_timeout` while the server does not answer (services often
+    start together with their database), then raises DatabaseUnreachable.
+    """
+    deadline = asyncio.get_running_loop().time() + connect_timeout
+    while True:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=5,
+                server_settings={"application_name": application_name},
+            )
+            break
+        except _TRANSIENT_CONNECT_ERRORS as error:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise DatabaseUnreachable(dsn, str(error) or type(error).__name__) from None
+            log.warning("db.connect_retry", extra={"database": database_name(dsn), "error": str(error)})
+            await asyncio.sleep(0.5)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as error:
+            raise DatabaseUnreachable(dsn, str(error)) from None
     log.info(
         "db.pool_created",
         extra={"database": database_name(dsn), "min_size": min_size, "max_size": max_size},
     )
     return pool
+
+
+def _address(dsn: str) -> tuple[str, int]:
+    try:
+        parts = urlsplit(dsn)
+        return parts.hostname or "localhost", parts.port or 5432
+    except ValueError:
+        return "?", 0
 
 
 async def close_pool(pool: asyncpg.Pool, timeout: float = 10.0) -> None:

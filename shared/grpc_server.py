@@ -6,18 +6,27 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.config import ConfigError
+from shared.logs import configure_logging
+
+ConfigT = TypeVar("ConfigT")
+
 log = logging.getLogger(__name__)
 
 # Exit status of a process stopped by a second signal: 128 + SIGINT, as shells report it.
 _FORCED_EXIT_STATUS = 130
+# Exit status for a setting that is missing, malformed or unusable.
+_CONFIG_ERROR_STATUS = 2
 # gRPC enables SO_REUSEPORT by default: two processes could then bind the same port and
 # silently share traffic. A port clash must fail loudly instead.
 _SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
@@ -106,8 +115,34 @@ async def run_service(
             await stop.wait()
             log.info("service.stopping", extra={"service_name": name, "grace_seconds": grace})
             await server.stop(grace)
+    except ConfigError as error:
+        # A setting that looked right but is unusable (DATABASE_URL names no reachable
+        # database): the same clear one-line answer as a malformed setting.
+        log.error("config.invalid", extra={"service_name": name, "error": str(error)})
+        raise SystemExit(_CONFIG_ERROR_STATUS) from None
     except Exception:
         # Logged here so that the reason a service died is a JSON line like everything else.
         log.exception("service.failed", extra={"service_name": name})
         raise
     log.info("service.stopped", extra={"service_name": name})
+
+
+def serve_main(
+    name: str,
+    read_config: Callable[[Mapping[str, str]], ConfigT],
+    build: Callable[[ConfigT, AsyncExitStack], Awaitable[RunningServer]],
+) -> None:
+    """A service's whole `main()`: JSON logs, config from the environment, serve.
+
+    Exit status 2 for a bad setting (the log line names the variable), 1 for a crash.
+    """
+    configure_logging(name, os.environ.get("LOG_LEVEL", "INFO"))
+    try:
+        config = read_config(os.environ)
+    except ConfigError as error:
+        log.error("config.invalid", extra={"service_name": name, "error": str(error)})
+        sys.exit(_CONFIG_ERROR_STATUS)
+    try:
+        asyncio.run(run_service(name, lambda stack: build(config, stack)))
+    except Exception:  # noqa: BLE001 - run_service logged it as one JSON line already
+        sys.exit(1)

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import os
-import sys
 from pathlib import Path
 
 from services.credits.config import Config
 from services.credits.handlers import ALLOWED_CALLERS, SERVICE_NAME, CreditsServicer, register
 from shared.auth import AuthInterceptor
-from shared.config import ConfigError
 from shared.db import close_pool, create_pool
-from shared.grpc_server import RunningServer, ServiceSpec, run_service, start_grpc_server
-from shared.logs import configure_logging
+from shared.grpc_server import RunningServer, ServiceSpec, serve_main, start_grpc_server
 from shared.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
@@ -50,18 +45,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
 
 
 def main() -> None:
-    configure_logging("credits")
-    try:
-        config = Config.from_env(os.environ)
-    except ConfigError as error:
-        log.error("config.invalid", extra={"error": str(error)})
-        sys.exit(2)
-    try:
-        asyncio.run(run_service("credits", lambda stack: build(config, stack)))
-    except Exception:
-        # run_service already logged the cause as "service.failed"; a second, bare
-        # traceback on stderr would only break the one-JSON-object-per-line stream.
-        sys.exit(1)
+    serve_main("credits", Config.from_env, build)
 
 
 if __name__ == "__main__":

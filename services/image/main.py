@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import os
-import sys
 from pathlib import Path
 
 import aiobotocore.session
@@ -23,10 +20,8 @@ from services.image.objects import ObjectStore, s3_client_config
 from services.image.providers import build_portrait_provider
 from services.image.story_client import StoryClient
 from shared.auth import AuthInterceptor
-from shared.config import ConfigError
-from shared.db import create_pool
-from shared.grpc_server import RunningServer, ServiceSpec, run_service, start_grpc_server
-from shared.logs import configure_logging
+from shared.db import close_pool, create_pool
+from shared.grpc_server import RunningServer, ServiceSpec, serve_main, start_grpc_server
 from shared.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
@@ -78,7 +73,7 @@ async def _open_database(config: Config, stack: contextlib.AsyncExitStack) -> as
         max_size=config.portrait_concurrency + EXTRA_POOL_CONNECTIONS,
         application_name="casefile-image",
     )
-    stack.push_async_callback(pool.close)
+    stack.push_async_callback(close_pool, pool)
     async with pool.acquire() as conn:
         await apply_migrations(conn, "image", MIGRATIONS_DIR)
     return pool
@@ -133,13 +128,7 @@ def _start_consumer(config: Config, deps: PortraitDeps, stack: contextlib.AsyncE
 
 
 def main() -> None:
-    configure_logging("image")
-    try:
-        config = Config.from_env(os.environ)
-    except ConfigError as error:
-        log.error("config.invalid", extra={"error": str(error)})
-        sys.exit(2)
-    asyncio.run(run_service("image", lambda stack: build(config, stack)))
+    serve_main("image", Config.from_env, build)
 
 
 if __name__ == "__main__":

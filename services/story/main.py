@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,10 +14,8 @@ from services.story.handlers import ALLOWED_CALLERS, SERVICE_NAME, StoryServicer
 from services.story.messaging import OutboxRelay
 from services.story.writers import build_writer
 from shared.auth import AuthInterceptor
-from shared.config import ConfigError
 from shared.db import close_pool, create_pool
-from shared.grpc_server import RunningServer, ServiceSpec, run_service, start_grpc_server
-from shared.logs import configure_logging
+from shared.grpc_server import RunningServer, ServiceSpec, serve_main, start_grpc_server
 from shared.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
@@ -78,13 +74,7 @@ async def _start_background(stack: contextlib.AsyncExitStack, work: Callable[[],
 
 
 def main() -> None:
-    configure_logging("story")
-    try:
-        config = Config.from_env(os.environ)
-    except ConfigError as error:
-        log.error("config.invalid", extra={"error": str(error)})
-        sys.exit(2)
-    asyncio.run(run_service("story", lambda stack: build(config, stack)))
+    serve_main("story", Config.from_env, build)
 
 
 if __name__ == "__main__":

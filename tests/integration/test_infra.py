@@ -533,7 +533,7 @@ async def test_stack_starts_everything_and_prints_commands_to_paste(stack, postg
         f"grpcurl -plaintext -H 'authorization: Bearer dev-gateway' -d '{{\"userId\":\"u1\"}}' "
         f"{story_addr} casefile.story.v1.StoryService/GenerateStory"
     ) in banner
-    assert f"curl --protocol grpc --http2-prior-knowledge -H 'authorization: Bearer dev-gateway'" in banner
+    assert "curl --protocol grpc --http2-prior-knowledge -H 'authorization: Bearer dev-gateway'" in banner
     assert f"http://{story_addr}/casefile.story.v1.StoryService/GenerateStory" in banner
     credits_env = json.loads((stack.run_dir / "logs" / "credits.log").read_text().splitlines()[-1])["env"]
     assert credits_env["S3_ENDPOINT_URL"] == stack.s3_url

@@ -4,7 +4,7 @@ import uuid
 import asyncpg
 import pytest
 
-from shared.db import create_pool, database_name, drop_database, ensure_database, with_database
+from shared.db import DatabaseUnreachable, create_pool, database_name, drop_database, ensure_database, with_database
 
 # The PostgreSQL server the tests may create throwaway databases on.
 SERVER_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -65,3 +65,32 @@ async def test_create_pool_sets_application_name(throwaway_dsn):
         assert pool.get_max_size() == 2
     finally:
         await pool.close()
+
+
+def _nobody_listens() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_unreachable_server_is_a_clear_database_url_error_after_the_timeout():
+    dsn = f"postgresql://postgres:s3cret@127.0.0.1:{_nobody_listens()}/casefile"
+
+    with pytest.raises(DatabaseUnreachable) as raised:
+        await create_pool(dsn, application_name="test", connect_timeout=1.0)
+
+    message = str(raised.value)
+    assert message.startswith("DATABASE_URL: cannot connect to 127.0.0.1:")
+    assert "/casefile" in message
+    assert "s3cret" not in message
+
+
+async def test_missing_database_fails_at_once_without_retrying():
+    dsn = with_database(SERVER_DSN, f"missing_{uuid.uuid4().hex}")
+
+    with pytest.raises(DatabaseUnreachable) as raised:
+        await create_pool(dsn, application_name="test", connect_timeout=30.0)
+
+    assert "does not exist" in str(raised.value)
