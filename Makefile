@@ -24,6 +24,7 @@ gen: gen/.stamp
 lint: gen
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf gen .run

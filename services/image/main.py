@@ -9,6 +9,7 @@ from pathlib import Path
 import aiobotocore.session
 import asyncpg
 import grpc
+import httpx
 
 from casefile.image.v1 import image_service_pb2_grpc
 from casefile.story.v1 import story_service_pb2_grpc
@@ -35,6 +36,9 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     """Everything the service needs, each cleanup pushed on `stack`; returns the server."""
     pool = await _open_database(config, stack)
     objects = await _open_object_store(config, stack)
+    # One HTTP client for the process, so provider calls and downloads reuse connections;
+    # redirects stay off because the downloader checks every hop itself.
+    http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
     deps = PortraitDeps(
         pool=pool,
         provider=build_portrait_provider(
@@ -42,6 +46,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
             recraft_api_key=config.recraft_api_key.reveal() if config.recraft_api_key else None,
             recraft_base_url=config.recraft_base_url,
             allow_private_downloads=config.allow_private_downloads,
+            client=http,
         ),
         objects=objects,
         stories=_open_story_client(config, stack),

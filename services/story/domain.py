@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import asyncpg
@@ -51,7 +51,7 @@ class WriterUnavailable(DomainError):
     """The writer model failed or wrote something unusable; nothing was stored."""
 
 
-class PortraitStatus(str, Enum):
+class PortraitStatus(StrEnum):
     PENDING = "PENDING"
     READY = "READY"
     FAILED = "FAILED"

@@ -8,6 +8,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx
+
 from casefile.story.v1 import story_service_pb2_grpc
 from services.story.config import Config
 from services.story.handlers import ALLOWED_CALLERS, SERVICE_NAME, StoryServicer
@@ -33,10 +35,13 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     stack.push_async_callback(relay.close)  # runs after the relay task is cancelled
     await _start_background(stack, relay.run, "outbox-relay")
 
+    http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
     writer = build_writer(
         config.writer,
         api_key=config.anthropic_api_key.reveal() if config.anthropic_api_key else None,
         base_url=config.anthropic_base_url,
+        model=config.anthropic_model,
+        client=http,
     )
     servicer = StoryServicer(pool, writer, on_event_queued=relay.kick)
     server = await start_grpc_server(

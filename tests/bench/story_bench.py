@@ -82,7 +82,7 @@ async def measure_throughput(story_addr: str, echo_addr: str, story_id: str, rou
         for _ in range(rounds):
             echo_rates.append(await calls_per_second(echo_call, seconds, concurrency))
             story_rates.append(await calls_per_second(get_story, seconds, concurrency))
-    ratios = [s / e for s, e in zip(story_rates, echo_rates)]
+    ratios = [s / e for s, e in zip(story_rates, echo_rates, strict=True)]
     return {
         "get_story_calls_per_s": round(statistics.median(story_rates)),
         "echo_calls_per_s": round(statistics.median(echo_rates)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import asyncpg
 import grpc
@@ -16,6 +17,7 @@ from casefile.story.v1 import story_service_pb2_grpc
 from services.story.config import Config
 from services.story.main import build
 from shared.auth import bearer_metadata
+from tests.fakes.anthropic import SAMPLE_STORY, FakeAnthropic
 
 TOKENS = "admin:t-admin,gateway:t-gateway,story:t-story,image:t-image"
 GATEWAY = bearer_metadata("t-gateway")
@@ -338,3 +340,52 @@ async def test_retry_portrait_publishes_a_new_attempt(story, events):
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await story.RetryPortrait(pb.RetryPortraitRequest(story_id=created.story_id), metadata=ADMIN)
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.fixture
+async def anthropic_story(database_url, nats_server):
+    """The story service writing with the real Anthropic client against a fake server."""
+    async with FakeAnthropic(api_key="k-test") as fake, contextlib.AsyncExitStack() as stack:
+        config = Config.from_env(
+            {
+                "STORY_ADDR": "127.0.0.1:0",
+                "DATABASE_URL": database_url,
+                "NATS_URL": nats_server.url,
+                "AUTH_TOKENS": TOKENS,
+                "STORY_WRITER": "anthropic",
+                "ANTHROPIC_API_KEY": "k-test",
+                "ANTHROPIC_BASE_URL": fake.base_url,
+                "ANTHROPIC_MODEL": "claude-test-model",
+            }
+        )
+        server = await build(config, stack)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        stack.push_async_callback(channel.close)
+        yield story_service_pb2_grpc.StoryServiceStub(channel), fake
+
+
+async def test_generate_story_with_the_anthropic_writer(anthropic_story):
+    stub, fake = anthropic_story
+
+    generated = (await stub.GenerateStory(pb.GenerateStoryRequest(user_id="u1", theme="fog"), metadata=GATEWAY)).story
+
+    assert generated.title == SAMPLE_STORY["title"]
+    assert generated.patient.name == SAMPLE_STORY["patient"]["name"]
+    [request] = fake.requests_to("/v1/messages")
+    assert request.json()["model"] == "claude-test-model"
+    assert "fog" in json.dumps(request.json()["messages"])
+
+
+@pytest.mark.parametrize(("status", "reply"), [(529, None), (400, None), (None, "this is not a story")])
+async def test_a_failing_writer_is_unavailable_and_stores_nothing(anthropic_story, db, status, reply):
+    stub, fake = anthropic_story
+    if status is not None:
+        fake.fail_next(5, status=status)
+    else:
+        fake.reply_text = reply
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.GenerateStory(pb.GenerateStoryRequest(user_id="u1"), metadata=GATEWAY)
+
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await count_rows(db) == (0, 0)

@@ -90,7 +90,7 @@ async def test_transient_errors_are_retried_with_growing_delays():
     assert result == "done"
     assert operation.calls == 4
     assert [attempt for attempt, _ in retries] == [1, 2, 3]
-    for (_, delay), expected in zip(retries, [1.0, 2.0, 4.0]):
+    for (_, delay), expected in zip(retries, [1.0, 2.0, 4.0], strict=True):
         assert expected * 0.9 <= delay <= expected * 1.1
     assert time.sleeps == [delay for _, delay in retries]
 

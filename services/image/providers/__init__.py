@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import httpx
+
 from services.image.providers.base import (
     GeneratedImage,
     ImageProvider,
@@ -38,6 +40,7 @@ def build_portrait_provider(
     recraft_api_key: str | None,
     recraft_base_url: str | None,
     allow_private_downloads: bool,
+    client: httpx.AsyncClient | None = None,
 ) -> ImageProvider:
     """Builds the configured provider; a recraft provider without a key is still built.
 
@@ -51,7 +54,8 @@ def build_portrait_provider(
         return RecraftProvider(
             recraft_api_key,
             recraft_base_url or RECRAFT_DEFAULT_BASE_URL,
-            downloader=ImageDownloader(allow_private=allow_private_downloads),
+            downloader=ImageDownloader(client, allow_private=allow_private_downloads),
+            client=client,
         )
     raise ValueError(
         f"PORTRAIT_PROVIDER: unknown provider {name!r}; expected one of {', '.join(PORTRAIT_PROVIDERS)}"

@@ -221,7 +221,7 @@ def _chapters(rng: random.Random, facts: dict[str, Any]) -> list[dict[str, str]]
     ]
     return [
         {"title": rng.choice(titles), "text": "\n\n".join(paragraph.format(**facts) for paragraph in paragraphs)}
-        for titles, paragraphs in zip(CHAPTER_TITLES, plan)
+        for titles, paragraphs in zip(CHAPTER_TITLES, plan, strict=True)
     ]
 
 
