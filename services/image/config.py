@@ -30,6 +30,7 @@ OWN_CALLER_NAME = "image"
 class Config:
     listen_addr: str
     database_url: str
+    database_connect_timeout_seconds: float
     nats_url: str
     s3_endpoint_url: str | None
     s3_public_endpoint_url: str | None
@@ -46,6 +47,7 @@ class Config:
     portrait_max_deliver: int
     portrait_redelivery_backoff_seconds: tuple[float, ...]
     portrait_attempt_budget_seconds: float
+    portrait_ack_wait_seconds: float
     portrait_shutdown_grace_seconds: float
 
     @classmethod
@@ -55,6 +57,7 @@ class Config:
         return cls(
             listen_addr=env_listen_addr(env, "IMAGE_ADDR", "127.0.0.1:50052"),
             database_url=env_database_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL),
+            database_connect_timeout_seconds=env_float(env, "DATABASE_CONNECT_TIMEOUT_SECONDS", 15, minimum=0),
             nats_url=env_str(env, "NATS_URL", "nats://127.0.0.1:4222"),
             s3_endpoint_url=_optional(env, "S3_ENDPOINT_URL"),
             s3_public_endpoint_url=_optional(env, "S3_PUBLIC_ENDPOINT_URL"),
@@ -73,6 +76,8 @@ class Config:
             portrait_attempt_budget_seconds=env_float(
                 env, "PORTRAIT_ATTEMPT_BUDGET_SECONDS", 60, minimum=0.1
             ),
+            # A crashed process holds its portraits this long; live ones send heartbeats.
+            portrait_ack_wait_seconds=env_float(env, "PORTRAIT_ACK_WAIT_SECONDS", 15, minimum=1),
             portrait_shutdown_grace_seconds=env_float(
                 env, "PORTRAIT_SHUTDOWN_GRACE_SECONDS", 5, minimum=0
             ),

@@ -8,7 +8,7 @@ import enum
 import io
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -36,10 +36,20 @@ MAX_REASON_CHARS = 1000
 MAX_STORAGE_ID_CHARS = 1024
 DEFAULT_URL_SECONDS = 3600
 MAX_URL_SECONDS = 604_800
-# The lease outlives the attempt budget (a slow upload or story call may follow the
-# provider) but ends before the consumer's ack wait (budget + 30 s) hands the message to
-# someone else, so a crashed worker never blocks the redelivery.
-LEASE_MARGIN_SECONDS = 20
+# A live worker beats every ack_wait / 3: it tells JetStream it is still at work and pushes
+# its lease forward, so it keeps a portrait for as long as the budget lets it run, while a
+# dead one loses the message within one ack wait and the lease soon after.
+DEFAULT_ACK_WAIT_SECONDS = 15.0
+HEARTBEATS_PER_ACK_WAIT = 3
+# The lease outlives the message's ack wait by this much: a live worker whose heartbeats
+# stopped reaching NATS, but not the database, still turns a redelivery away (BUSY). Kept
+# below the second redelivery delay (5 s by default) so that, after a crash, the delivery
+# following the first BUSY finds the lease gone.
+LEASE_MARGIN_SECONDS = 2.0
+# Heartbeats stop this long after the attempt budget: every step after the provider is
+# bounded too, so a worker still busy by then is stuck, and gives its portrait up the way
+# a dead one would instead of holding it forever.
+HOLD_MARGIN_SECONDS = 30.0
 # A provider call started just before the budget ran out may finish with its own error,
 # which says more than "timed out".
 PROVIDER_CALL_GRACE_SECONDS = 5
@@ -112,6 +122,21 @@ def portrait_event(story_id: str, prompt: str, attempt: int) -> PortraitEvent:
     return PortraitEvent(parsed_id, prompt, max(attempt, 1))
 
 
+def heartbeat_interval(ack_wait_seconds: float) -> float:
+    """How often a worker proves it is alive, to JetStream and to its lease."""
+    return ack_wait_seconds / HEARTBEATS_PER_ACK_WAIT
+
+
+def lease_seconds(ack_wait_seconds: float) -> float:
+    """How long a lease lasts from its last renewal."""
+    return ack_wait_seconds + LEASE_MARGIN_SECONDS
+
+
+def longest_hold_seconds(budget_seconds: float) -> float:
+    """How long heartbeats may keep one delivery of a portrait alive."""
+    return budget_seconds + HOLD_MARGIN_SECONDS
+
+
 def portrait_key(story_id: uuid.UUID) -> str:
     """Derived from the story alone: painting again overwrites the same object."""
     return f"{PORTRAIT_PREFIX}{story_id}.png"
@@ -136,6 +161,8 @@ class PortraitDeps:
     objects: PortraitObjects
     stories: StoryPort
     budget_seconds: float = 60
+    # The consumer's ack wait: the lease and its renewals follow it.
+    ack_wait_seconds: float = DEFAULT_ACK_WAIT_SECONDS
     retry_first_delay: float = 1.0
     retry_max_delay: float = 16.0
 
@@ -160,7 +187,8 @@ async def paint_portrait(
     if not claim.claimed:
         return _busy(event, final_delivery)
     try:
-        return await _paint_claimed(event, claim, lease_owner, deps)
+        async with _lease_kept(event, lease_owner, deps):
+            return await _paint_claimed(event, claim, lease_owner, deps)
     except asyncio.CancelledError:
         # Shutting down: give the attempt back so the redelivery need not wait for the lease.
         await _release(event, lease_owner, deps, "interrupted by shutdown")
@@ -189,9 +217,53 @@ async def _after_failure(
 
 
 async def _claim(deps: PortraitDeps, event: PortraitEvent, lease_owner: uuid.UUID) -> storage.PortraitClaim:
-    lease_seconds = deps.budget_seconds + LEASE_MARGIN_SECONDS
+    seconds = lease_seconds(deps.ack_wait_seconds)
     async with deps.pool.acquire() as conn:
-        return await storage.claim_portrait(conn, event.story_id, event.attempt, lease_owner, lease_seconds)
+        return await storage.claim_portrait(conn, event.story_id, event.attempt, lease_owner, seconds)
+
+
+@contextlib.asynccontextmanager
+async def _lease_kept(event: PortraitEvent, lease_owner: uuid.UUID, deps: PortraitDeps) -> AsyncIterator[None]:
+    """Renews the lease while the body runs, and stops however the body ends."""
+    renewing = asyncio.create_task(_renew_lease_periodically(event, lease_owner, deps), name="portrait-lease")
+    try:
+        yield
+    finally:
+        # Stopped before the final write or release, so no renewal races them.
+        renewing.cancel()
+        await asyncio.gather(renewing, return_exceptions=True)
+
+
+async def _renew_lease_periodically(event: PortraitEvent, lease_owner: uuid.UUID, deps: PortraitDeps) -> None:
+    interval = heartbeat_interval(deps.ack_wait_seconds)
+    held_for = longest_hold_seconds(deps.budget_seconds)
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + held_for
+    while True:
+        await asyncio.sleep(interval)
+        if loop.time() >= give_up_at:
+            log.warning("portrait.lease_hold_limit", extra=_ids(event, held_seconds=held_for))
+            return
+        if not await _renew_lease(event, lease_owner, deps, timeout=interval):
+            return
+
+
+async def _renew_lease(
+    event: PortraitEvent, lease_owner: uuid.UUID, deps: PortraitDeps, *, timeout: float
+) -> bool:
+    """False once the lease is no longer ours; a failed renewal is logged and tried again."""
+    try:
+        # Bounded, so that a hung database does not stretch the beat past the lease.
+        async with asyncio.timeout(timeout), deps.pool.acquire() as conn:
+            renewed = await storage.renew_lease(
+                conn, event.story_id, event.attempt, lease_owner, lease_seconds(deps.ack_wait_seconds)
+            )
+    except Exception as error:
+        log.warning("portrait.lease_renew_failed", extra=_ids(event, error=_describe(error)))
+        return True
+    if not renewed:
+        log.warning("portrait.lease_lost", extra=_ids(event, write="renew_lease"))
+    return renewed
 
 
 def _busy(event: PortraitEvent, final_delivery: bool) -> PortraitOutcome:

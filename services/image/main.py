@@ -51,6 +51,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         objects=objects,
         stories=_open_story_client(config, stack),
         budget_seconds=config.portrait_attempt_budget_seconds,
+        ack_wait_seconds=config.portrait_ack_wait_seconds,
     )
     _start_consumer(config, deps, stack)
     servicer = ImageServicer(objects)
@@ -77,6 +78,7 @@ async def _open_database(config: Config, stack: contextlib.AsyncExitStack) -> as
         min_size=1,
         max_size=config.portrait_concurrency + EXTRA_POOL_CONNECTIONS,
         application_name="casefile-image",
+        connect_timeout=config.database_connect_timeout_seconds,
     )
     stack.push_async_callback(close_pool, pool)
     async with pool.acquire() as conn:
@@ -124,6 +126,7 @@ def _start_consumer(config: Config, deps: PortraitDeps, stack: contextlib.AsyncE
             max_deliver=config.portrait_max_deliver,
             redelivery_backoff_seconds=config.portrait_redelivery_backoff_seconds,
             attempt_budget_seconds=config.portrait_attempt_budget_seconds,
+            ack_wait_seconds=config.portrait_ack_wait_seconds,
             shutdown_grace_seconds=config.portrait_shutdown_grace_seconds,
         ),
         paint,

@@ -15,10 +15,13 @@ from nats.js import JetStreamContext
 
 from casefile.story.v1 import story_events_pb2
 from services.image.domain import (
+    DEFAULT_ACK_WAIT_SECONDS,
     Disposition,
     InvalidArgument,
     PortraitEvent,
     PortraitOutcome,
+    heartbeat_interval,
+    longest_hold_seconds,
     portrait_event,
 )
 from shared.nats import connect_nats_until_ready, ensure_pull_consumer, ensure_stream
@@ -33,9 +36,6 @@ STREAM_MAX_AGE_SECONDS = 7 * 24 * 3600
 STREAM_DUPLICATE_WINDOW_SECONDS = 120
 # One durable for every image process: JetStream spreads the messages among them.
 DURABLE_NAME = "image-portraits"
-# Whatever the attempt budget, the upload and the story call still need time before the
-# server decides the worker died and hands the message to another one.
-ACK_WAIT_MARGIN_SECONDS = 30
 CLIENT_NAME = "image-portraits"
 
 PaintPortrait = Callable[[PortraitEvent, bool], Awaitable[PortraitOutcome]]
@@ -47,7 +47,11 @@ class ConsumerSettings:
     concurrency: int
     max_deliver: int
     redelivery_backoff_seconds: tuple[float, ...]
+    # Bounds how long heartbeats keep one message: a worker stuck past it lets go.
     attempt_budget_seconds: float
+    # Short, because a live worker keeps its message with heartbeats (msg.in_progress)
+    # every third of it: a crashed one loses its message within one ack wait.
+    ack_wait_seconds: float = DEFAULT_ACK_WAIT_SECONDS
     # Also the longest stop() waits for a fetch under way; an idle pull request a second
     # costs the server next to nothing.
     fetch_timeout_seconds: float = 1.0
@@ -55,8 +59,12 @@ class ConsumerSettings:
     shutdown_grace_seconds: float = 5.0
 
     @property
-    def ack_wait_seconds(self) -> float:
-        return self.attempt_budget_seconds + ACK_WAIT_MARGIN_SECONDS
+    def heartbeat_interval_seconds(self) -> float:
+        return heartbeat_interval(self.ack_wait_seconds)
+
+    @property
+    def longest_hold_seconds(self) -> float:
+        return longest_hold_seconds(self.attempt_budget_seconds)
 
     def nak_delay(self, delivery: int) -> float:
         """The wait before delivery number `delivery + 1`; the last entry repeats."""
@@ -207,7 +215,7 @@ class PortraitConsumer:
             await _settle(message.term(), "term")
             return
         try:
-            outcome = await self._paint(event, final_delivery)
+            outcome = await self._paint_keeping_message(message, event, final_delivery)
         except asyncio.CancelledError:
             # Shutting down: without this the message would wait out the whole ack wait.
             await _settle(message.nak(), "nak", {"story_id": str(event.story_id)})
@@ -218,6 +226,32 @@ class PortraitConsumer:
             )
             outcome = PortraitOutcome(Disposition.RETRY, "RETRY", str(error))
         await self._answer(message, event, outcome, delivery, final_delivery)
+
+    async def _paint_keeping_message(
+        self, message: Msg, event: PortraitEvent, final_delivery: bool
+    ) -> PortraitOutcome:
+        heartbeat = asyncio.create_task(self._beat_until_cancelled(message, event), name="portrait-heartbeat")
+        try:
+            return await self._paint(event, final_delivery)
+        finally:
+            # Stopped before the ack, nak or term that follows, whatever the outcome.
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _beat_until_cancelled(self, message: Msg, event: PortraitEvent) -> None:
+        """Tells JetStream every ack_wait / 3 that this message is still being painted."""
+        interval = self._settings.heartbeat_interval_seconds
+        held_for = self._settings.longest_hold_seconds
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + held_for
+        while True:
+            await asyncio.sleep(interval)
+            if loop.time() >= give_up_at:
+                log.warning(
+                    "portrait.heartbeat_hold_limit", extra={"story_id": str(event.story_id), "held_seconds": held_for}
+                )
+                return
+            await _heartbeat(message, event, timeout=interval)
 
     async def _answer(
         self,
@@ -243,6 +277,16 @@ class PortraitConsumer:
                 extra={**fields, "delay_seconds": delay, "error": outcome.reason},
             )
             await _settle(message.nak(delay=delay), "nak", fields)
+
+
+async def _heartbeat(message: Msg, event: PortraitEvent, *, timeout: float) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await message.in_progress()
+    except Exception as error:
+        # NATS away for a moment: the next beat may get through; if none does, the message
+        # is redelivered and the lease, still renewed, turns the copy away while we finish.
+        log.warning("portrait.heartbeat_failed", extra={"story_id": str(event.story_id), "error": repr(error)})
 
 
 async def _settle(reply: Awaitable[None], kind: str, fields: dict | None = None) -> None:

@@ -48,6 +48,29 @@ async def claim_portrait(
     return PortraitClaim(row["status"], row["storage_id"], row["deliveries"], claimed)
 
 
+async def renew_lease(
+    conn: asyncpg.Connection,
+    story_id: uuid.UUID,
+    attempt: int,
+    lease_owner: uuid.UUID,
+    lease_seconds: float,
+) -> bool:
+    """Pushes our lease to now + lease_seconds; False once it is no longer ours."""
+    # update_time is left alone: a heartbeat is not a change of the portrait.
+    result = await conn.execute(
+        """
+        UPDATE image.portraits
+           SET lease_until = now() + make_interval(secs => $4)
+         WHERE story_id = $1 AND attempt = $2 AND lease_owner = $3
+        """,
+        story_id,
+        attempt,
+        lease_owner,
+        lease_seconds,
+    )
+    return _updated_one(result)
+
+
 async def mark_stored(
     conn: asyncpg.Connection,
     story_id: uuid.UUID,

@@ -22,8 +22,15 @@ def test_defaults_follow_the_operations_contract():
     assert (config.portrait_concurrency, config.portrait_max_deliver) == (4, 8)
     assert config.portrait_redelivery_backoff_seconds == (2, 5, 15, 30, 60, 120, 300)
     assert config.portrait_attempt_budget_seconds == 60
+    assert config.portrait_ack_wait_seconds == 15
     assert config.outgoing_token.reveal() == "t-image"
     assert "rk-secret" not in repr(config) and "t-image" not in repr(config)
+
+
+def test_ack_wait_is_read_from_the_environment():
+    config = Config.from_env({"AUTH_TOKENS": TOKENS, "PORTRAIT_ACK_WAIT_SECONDS": "3"})
+
+    assert config.portrait_ack_wait_seconds == 3
 
 
 def test_region_falls_back_to_aws_default_region():
@@ -42,6 +49,8 @@ def test_region_falls_back_to_aws_default_region():
         ({"PORTRAIT_REDELIVERY_BACKOFF_SECONDS": "2,0"}, "PORTRAIT_REDELIVERY_BACKOFF_SECONDS"),
         ({"PORTRAIT_CONCURRENCY": "0"}, "PORTRAIT_CONCURRENCY"),
         ({"PORTRAIT_MAX_DELIVER": "many"}, "PORTRAIT_MAX_DELIVER"),
+        ({"PORTRAIT_ACK_WAIT_SECONDS": "0.5"}, "PORTRAIT_ACK_WAIT_SECONDS"),  # below the 1 s minimum
+        ({"PORTRAIT_ACK_WAIT_SECONDS": "soon"}, "PORTRAIT_ACK_WAIT_SECONDS"),
         ({"ALLOW_PRIVATE_DOWNLOADS": "perhaps"}, "ALLOW_PRIVATE_DOWNLOADS"),
         ({"IMAGE_ADDR": "50052"}, "IMAGE_ADDR"),
     ],

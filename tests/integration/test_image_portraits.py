@@ -186,6 +186,22 @@ async def consumer_settled(js, messages: int) -> bool:
     return info.ack_floor.stream_seq >= messages and info.num_ack_pending == 0 and info.num_pending == 0
 
 
+def keepalive_tasks() -> list[str]:
+    """Heartbeat and lease-renewal tasks still running in this loop (the service runs here too)."""
+    names = {"portrait-heartbeat", "portrait-lease"}
+    return [task.get_name() for task in asyncio.all_tasks() if task.get_name() in names and not task.done()]
+
+
+def recraft_env(image_env, recraft: FakeRecraft, **overrides: str) -> dict[str, str]:
+    return image_env(
+        PORTRAIT_PROVIDER="recraft",
+        RECRAFT_API_KEY="k-test",
+        RECRAFT_BASE_URL=recraft.api_base_url,
+        ALLOW_PRIVATE_DOWNLOADS="true",
+        **overrides,
+    )
+
+
 async def portrait_row(db, story_id: str, attempt: int = 1):
     return await db.fetchrow(
         "SELECT status, storage_id, error, deliveries FROM image.portraits WHERE story_id = $1 AND attempt = $2",
@@ -324,6 +340,7 @@ async def test_transient_failures_until_the_last_delivery_mark_failed(image_env,
         row = await portrait_row(db, story_id)
         assert (row["status"], row["deliveries"]) == ("FAILED", 2)
         assert story_peer.images == []
+        assert keepalive_tasks() == []  # failed deliveries stop their heartbeats too
 
 
 async def test_s3_down_naks_and_the_portrait_arrives_after_restore(
@@ -437,8 +454,9 @@ async def test_stopping_mid_paint_hands_the_event_to_another_process(image_env, 
             RECRAFT_API_KEY="k-test",
             RECRAFT_BASE_URL=recraft.api_base_url,
             ALLOW_PRIVATE_DOWNLOADS="true",
-            # The ack wait (budget + 30 s) is far beyond this test's timeouts: only a nak on
-            # shutdown and a released lease can bring the event back in time.
+            # The ack wait (15 s) is beyond this test's timeouts: only a nak on shutdown and
+            # a released lease can bring the event back in time.
+            PORTRAIT_ACK_WAIT_SECONDS="15",
             PORTRAIT_ATTEMPT_BUDGET_SECONDS="20",
             PORTRAIT_SHUTDOWN_GRACE_SECONDS="0.2",
         )
@@ -448,6 +466,7 @@ async def test_stopping_mid_paint_hands_the_event_to_another_process(image_env, 
             await build(Config.from_env(env), first_process)
             await publish_story_created(js, story_id, "the night porter")
             await eventually(lambda: recraft.requests, what="the first process calling the provider")
+        assert keepalive_tasks() == []  # a cancelled paint stops its heartbeat and lease renewal
 
         recraft.delay_seconds = 0
         async with contextlib.AsyncExitStack() as second_process:
@@ -457,3 +476,91 @@ async def test_stopping_mid_paint_hands_the_event_to_another_process(image_env, 
             await eventually(lambda: consumer_settled(js, 1), what="the ack")
         row = await portrait_row(db, story_id)
         assert (row["status"], row["deliveries"]) == ("READY", 2)
+
+
+# ---------------------------------------------------------------------------- heartbeats
+
+# A paint of a few ack waits: the fake answers the generation call and the download
+# each after this delay.
+SLOW_PROVIDER_DELAY_S = 2.5
+SHORT_ACK_WAIT = {"PORTRAIT_ACK_WAIT_SECONDS": "1"}
+
+
+async def test_live_worker_keeps_its_message_past_the_ack_wait(image_env, start_image, js, story_peer, db):
+    async with FakeRecraft(api_key="k-test") as recraft:
+        recraft.delay_seconds = SLOW_PROVIDER_DELAY_S
+        await start_image(recraft_env(image_env, recraft, **SHORT_ACK_WAIT))
+        story_id = str(uuid.uuid4())
+
+        await publish_story_created(js, story_id, "the long night shift")
+
+        await eventually(lambda: story_peer.images, timeout=15, what="the slow portrait")
+        await eventually(lambda: consumer_settled(js, 1), what="the ack")
+        info = await js.consumer_info(STREAM, DURABLE)
+        assert info.config.ack_wait == 1  # the setting reached JetStream
+        # ~5 s of painting against a 1 s ack wait, and delivered once: never handed to anyone else.
+        assert info.delivered.consumer_seq == 1
+        assert len(recraft.requests_to("/v1/images/generations")) == 1
+        row = await portrait_row(db, story_id)
+        assert (row["status"], row["deliveries"]) == ("READY", 1)
+        assert keepalive_tasks() == []  # stopped once the work ended
+
+
+async def test_lease_is_renewed_while_a_slow_paint_runs(image_env, start_image, js, story_peer, db):
+    """A duplicate event arriving after the first lease would have run out is still turned away."""
+    async with FakeRecraft(api_key="k-test") as recraft:
+        recraft.delay_seconds = SLOW_PROVIDER_DELAY_S
+        await start_image(recraft_env(image_env, recraft, **SHORT_ACK_WAIT))
+        story_id = str(uuid.uuid4())
+        await publish_story_created(js, story_id, "the sleepwalker", msg_id=f"story.created:{story_id}:1")
+        await eventually(lambda: recraft.requests, what="the provider call")
+
+        # The claim's lease is ack wait + 2 s = 3 s; look after that, while still painting.
+        lease = await _lease_after(db, story_id, seconds_after_claim=3.3)
+        assert lease["status"] == "PENDING" and lease["lease_until"] > lease["now"]
+        await publish_story_created(js, story_id, "the sleepwalker", msg_id=f"story.created:{story_id}:1:again")
+
+        await eventually(lambda: consumer_settled(js, 2), timeout=15, what="both events settled")
+        assert len(recraft.requests_to("/v1/images/generations")) == 1
+        assert story_peer.images == [(story_id, f"portraits/{story_id}.png")]
+        row = await portrait_row(db, story_id)
+        assert row["status"] == "READY" and row["deliveries"] >= 2
+
+
+async def test_nats_outage_mid_paint_neither_stops_nor_repeats_the_portrait(
+    image_env, start_image, js, nats_server, story_peer, s3, s3_bucket, db
+):
+    async with FakeRecraft(api_key="k-test") as recraft:
+        recraft.delay_seconds = SLOW_PROVIDER_DELAY_S
+        await start_image(recraft_env(image_env, recraft, **SHORT_ACK_WAIT))
+        story_id = str(uuid.uuid4())
+        await publish_story_created(js, story_id, "the generator room")
+        await eventually(lambda: recraft.requests, what="the provider call")
+
+        # Longer than the ack wait: heartbeats cannot reach the server, which may redeliver.
+        await asyncio.to_thread(nats_server.stop)
+        await asyncio.sleep(2)
+        await asyncio.to_thread(nats_server.start)
+
+        await eventually(lambda: story_peer.images, timeout=15, what="the portrait after the outage")
+        assert story_peer.images == [(story_id, f"portraits/{story_id}.png")]
+        assert len(recraft.requests_to("/v1/images/generations")) == 1
+        assert await stored_keys(s3, s3_bucket) == [f"portraits/{story_id}.png"]
+        assert (await portrait_row(db, story_id))["status"] == "READY"
+        nc = await nats.connect(nats_server.url)
+        try:
+            await eventually(lambda: consumer_settled(nc.jetstream(), 1), timeout=15, what="the ack")
+        finally:
+            await nc.close()
+
+
+async def _lease_after(db, story_id: str, *, seconds_after_claim: float):
+    """The portrait row's lease, read once the claim is `seconds_after_claim` old."""
+    row = await db.fetchrow(
+        "SELECT create_time, now() AS now FROM image.portraits WHERE story_id = $1", uuid.UUID(story_id)
+    )
+    age = (row["now"] - row["create_time"]).total_seconds()
+    await asyncio.sleep(max(seconds_after_claim - age, 0))
+    return await db.fetchrow(
+        "SELECT status, lease_until, now() AS now FROM image.portraits WHERE story_id = $1", uuid.UUID(story_id)
+    )
