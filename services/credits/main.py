@@ -27,6 +27,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         min_size=config.db_pool_min_size,
         max_size=config.db_pool_max_size,
         application_name="casefile-credits",
+        connect_timeout=config.database_connect_timeout_seconds,
     )
     stack.push_async_callback(close_pool, pool)
     async with pool.acquire() as conn:

@@ -23,6 +23,7 @@ WRITERS = ("local", "anthropic")
 class Config:
     listen_addr: str
     database_url: str
+    database_connect_timeout_seconds: float
     nats_url: str
     auth_tokens: Secret[Mapping[str, str]]
     writer: str
@@ -40,6 +41,7 @@ class Config:
         return cls(
             listen_addr=env_listen_addr(env, "STORY_ADDR", "127.0.0.1:50051"),
             database_url=env_database_url(env, "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/casefile"),
+            database_connect_timeout_seconds=env_float(env, "DATABASE_CONNECT_TIMEOUT_SECONDS", 15, minimum=0),
             nats_url=env_str(env, "NATS_URL", "nats://127.0.0.1:4222"),
             auth_tokens=env_auth_tokens(env),
             writer=writer,

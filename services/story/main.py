@@ -26,7 +26,11 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServer:
-    pool = await create_pool(config.database_url, application_name="casefile-story")
+    pool = await create_pool(
+        config.database_url,
+        application_name="casefile-story",
+        connect_timeout=config.database_connect_timeout_seconds,
+    )
     stack.push_async_callback(close_pool, pool)
     async with pool.acquire() as conn:
         await apply_migrations(conn, "story", MIGRATIONS)
