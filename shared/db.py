@@ -80,7 +80,8 @@ def _address(dsn: str) -> tuple[str, int]:
 async def close_pool(pool: asyncpg.Pool, timeout: float = 10.0) -> None:
     """Waits up to `timeout` for borrowed connections, then cuts them: shutdown must end."""
     try:
-        await asyncio.wait_for(pool.close(), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancellation on 3.11
+            await pool.close()
     except TimeoutError:
         log.warning("db.pool_close_timed_out", extra={"timeout_seconds": timeout})
         pool.terminate()

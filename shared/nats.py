@@ -81,7 +81,9 @@ async def _connect_forever(url: str, name: str, retry_delay: float) -> Client:
 async def connect_nats(url: str, *, name: str, timeout: float = 5.0) -> Client:
     """Connect now or raise ConnectionError; after that, reconnect forever."""
     try:
-        return await asyncio.wait_for(_connect_forever(url, name, _RECONNECT_WAIT_SECONDS), timeout)
+        # asyncio.timeout, not wait_for, which can swallow a cancellation on Python 3.11.
+        async with asyncio.timeout(timeout):
+            return await _connect_forever(url, name, _RECONNECT_WAIT_SECONDS)
     except TimeoutError:
         raise ConnectionError(
             f"nats: no server answered at {redact_url(url)} within {timeout}s"

@@ -167,7 +167,8 @@ class Stack:
                     sys.stderr.write(f"{service.label} died; last lines of {service.log_path}:\n{service.log_tail()}\n")
                     return 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), WATCH_INTERVAL_S)
+                async with asyncio.timeout(WATCH_INTERVAL_S):
+                    await stopping.wait()
         return 0
 
     async def stop(self) -> None:

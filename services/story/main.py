@@ -23,6 +23,7 @@ from shared.migrations import apply_migrations
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+BACKGROUND_STOP_SECONDS = 5.0
 
 
 async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServer:
@@ -76,8 +77,10 @@ async def _start_background(stack: contextlib.AsyncExitStack, work: Callable[[],
 
     async def cancel() -> None:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # Bounded: a library that swallows the cancellation must not hang shutdown.
+        done, _ = await asyncio.wait({task}, timeout=BACKGROUND_STOP_SECONDS)
+        if not done:
+            log.error("background.did_not_stop", extra={"task": name})
 
     stack.push_async_callback(cancel)
 

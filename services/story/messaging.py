@@ -9,6 +9,7 @@ duplicate within its duplicate window).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import datetime
 
@@ -73,6 +74,7 @@ class OutboxRelay:
         js = self._nats.jetstream()
         await self._declare_stream(js)
         while True:
+            _honour_swallowed_cancellation()
             # Cleared before the batch, so a kick that lands while publishing is not lost.
             self._wake.clear()
             try:
@@ -139,10 +141,20 @@ class OutboxRelay:
         return True
 
     async def _sleep_until_kicked(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # lands as the event fires, and the relay would then never stop.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+
+
+def _honour_swallowed_cancellation() -> None:
+    """On Python 3.11, asyncio.wait_for (which nats-py uses for every request) returns the
+    result instead of raising when a cancellation lands as the reply arrives; the relay
+    would then loop on forever and shutdown would hang. The request is still on record."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _lag_ms(create_time: datetime) -> int:
