@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shlex
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from shared.logs import configure_logging
 from tools.infra import (
     DEFAULT_DATABASE_URL,
     REPO_ROOT,
@@ -290,27 +290,9 @@ def _shown_path(path: Path) -> str:
     return str(path)
 
 
-class _JsonLines(logging.Formatter):
-    """One JSON object per line: the event name plus every `extra` field."""
-
-    _standard = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"level": record.levelname.lower(), "event": record.getMessage(), "logger": record.name}
-        line.update({key: value for key, value in vars(record).items() if key not in self._standard})
-        if record.exc_info:
-            line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
-def configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonLines())
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-
-
 def main() -> int:
-    configure_logging()
+    # The same one-JSON-object-per-line format as the services' logs.
+    configure_logging("stack")
     try:
         config = read_config(os.environ)
     except StackFailed as error:

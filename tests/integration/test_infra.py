@@ -438,7 +438,8 @@ class StackUnderTest:
 
     def __init__(self, tmp_path: Path, database_url: str):
         self.root = tmp_path / "repo"
-        shutil.copytree(REPO_ROOT / "tools", self.root / "tools", ignore=shutil.ignore_patterns("__pycache__"))
+        for package in ("tools", "shared"):  # the launcher logs through shared.logs
+            shutil.copytree(REPO_ROOT / package, self.root / package, ignore=shutil.ignore_patterns("__pycache__"))
         for name in ("credits", "story", "image"):
             write_fake_service(self.root, name)
         self.run_dir = tmp_path / "run"
