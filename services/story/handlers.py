@@ -59,7 +59,7 @@ def _abort_on_domain_error(method: Handler) -> Handler:
         try:
             return await method(self, request, context)
         except domain.DomainError as error:
-            await context.abort(STATUS_FOR_ERROR[type(error)], str(error))
+            await context.abort(_code_for(error), str(error))
         except (OSError, asyncpg.InterfaceError, asyncpg.exceptions.CannotConnectNowError) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the story database is unavailable: {error}")
         except asyncpg.PostgresError as error:
@@ -69,6 +69,14 @@ def _abort_on_domain_error(method: Handler) -> Handler:
             await context.abort(grpc.StatusCode.INTERNAL, "the story could not be stored; nothing was written")
 
     return wrapper  # type: ignore[return-value]
+
+
+def _code_for(error: domain.DomainError) -> grpc.StatusCode:
+    for error_class in type(error).__mro__:
+        if error_class in STATUS_FOR_ERROR:
+            return STATUS_FOR_ERROR[error_class]
+    # A DomainError without an entry is our bug, never the caller's mistake.
+    return grpc.StatusCode.INTERNAL
 
 
 def _timestamp(value: Any) -> Timestamp:
@@ -173,7 +181,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
             ):
                 yield pb.WatchStoryResponse(story=story_to_proto(story))
         except domain.DomainError as error:
-            await context.abort(STATUS_FOR_ERROR[type(error)], str(error))
+            await context.abort(_code_for(error), str(error))
 
     @_abort_on_domain_error
     async def SetStoryImage(self, request: pb.SetStoryImageRequest, context: grpc.aio.ServicerContext) -> pb.SetStoryImageResponse:
