@@ -34,10 +34,12 @@ run: $(STAMP) gen
 	$(PY) -m tools.stack
 
 # PYTEST_ARGS narrows a run, e.g. `make test PYTEST_ARGS='tests/unit -x'`. pytest's own exit
-# code fails the target, including 5 when no test was collected.
+# code fails the target, including 5 when no test was collected. Tests mostly wait on
+# servers, so more workers than cores pay off; PYTEST_WORKERS=0 runs them in one process.
+PYTEST_WORKERS ?= 4
 test: $(STAMP) gen
 	$(PY) -m tools.infra ensure-postgres
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # Figures for the closing notes: ratios against a baseline measured in the same run.
 bench: $(STAMP) gen

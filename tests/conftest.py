@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tools.infra import (
     DEFAULT_DATABASE_URL,
@@ -35,6 +36,16 @@ from tools.infra import (
 )
 
 T = TypeVar("T")
+
+# Hypothesis drives real servers: an example takes milliseconds of I/O, not microseconds,
+# and one server serves every example of a test. No example database: runs stay apart.
+settings.register_profile(
+    "casefile",
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "casefile"))
 
 # Tokens every test stack accepts; `auth_tokens` hands them to tests, `make_env` to services.
 TEST_TOKENS = {"admin": "test-admin", "gateway": "test-gateway", "story": "test-story", "image": "test-image"}
