@@ -24,7 +24,7 @@ from services.image.providers.base import (
     is_transient,
     retry_after_of,
 )
-from services.image.retry import call_with_retries
+from shared.retry import call_with_retries
 
 log = logging.getLogger(__name__)
 

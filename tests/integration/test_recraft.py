@@ -15,7 +15,7 @@ from services.image.providers import (
     is_transient,
     retry_after_of,
 )
-from services.image.retry import call_with_retries
+from shared.retry import call_with_retries
 from tests.fakes.recraft import GENERATIONS_PATH, FakeRecraft
 
 pytestmark = pytest.mark.timeout(30)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from services.image.retry import call_with_retries
+from shared.retry import call_with_retries
 
 pytestmark = pytest.mark.timeout(10)
 

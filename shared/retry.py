@@ -1,4 +1,8 @@
-"""Retry an async operation with exponential backoff inside a fixed time budget."""
+"""Retry an async operation with exponential backoff inside a fixed time budget.
+
+Used by every outside call that can fail for a moment: portrait providers (image) and story
+writers (story).
+"""
 
 from __future__ import annotations
 
