@@ -16,7 +16,7 @@ from shared.config import (
     env_str,
 )
 
-WRITERS = ("local", "anthropic")
+WRITERS = ("local", "anthropic", "openai")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class Config:
     anthropic_api_key: Secret[str] | None
     anthropic_base_url: str
     anthropic_model: str
+    openai_api_key: Secret[str] | None
+    openai_base_url: str
+    openai_story_model: str
     outbox_poll_interval_seconds: float
 
     @classmethod
@@ -38,6 +41,7 @@ class Config:
         if writer not in WRITERS:
             raise ConfigError("STORY_WRITER", f"must be one of {', '.join(WRITERS)}, got {writer!r}")
         anthropic_api_key = env_secret(env, "ANTHROPIC_API_KEY", required=writer == "anthropic")
+        openai_api_key = env_secret(env, "OPENAI_API_KEY", required=writer == "openai")
         return cls(
             listen_addr=env_listen_addr(env, "STORY_ADDR", "127.0.0.1:50051"),
             database_url=env_database_url(env, "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/casefile"),
@@ -48,5 +52,8 @@ class Config:
             anthropic_api_key=anthropic_api_key,
             anthropic_base_url=env_str(env, "ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
             anthropic_model=env_str(env, "ANTHROPIC_MODEL", "claude-sonnet-4-5"),
+            openai_api_key=openai_api_key,
+            openai_base_url=env_str(env, "OPENAI_BASE_URL", "https://api.openai.com/v1"),
+            openai_story_model=env_str(env, "OPENAI_STORY_MODEL", "gpt-4o-mini"),
             outbox_poll_interval_seconds=env_float(env, "OUTBOX_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
         )

@@ -223,7 +223,7 @@ async def generate_story(
     story_id = str(uuid.uuid4())
     log.info("story.write_started", extra={"story_id": story_id, "user_id": user_id, "writer": writer.name})
     try:
-        draft = await writer.write(theme=theme.strip() or None, seed=story_id)
+        draft = await writer.write(theme=theme.strip() or None, seed=f"{user_id}\x00{request_key or story_id}")
     except WriterError as error:
         log.warning("story.write_failed", extra={"story_id": story_id, "user_id": user_id, "error": str(error)})
         raise WriterUnavailable(f"the story writer failed: {error}") from None

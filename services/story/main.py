@@ -41,13 +41,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     await _start_background(stack, relay.run, "outbox-relay")
 
     http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
-    writer = build_writer(
-        config.writer,
-        api_key=config.anthropic_api_key.reveal() if config.anthropic_api_key else None,
-        base_url=config.anthropic_base_url,
-        model=config.anthropic_model,
-        client=http,
-    )
+    writer = build_writer(config.writer, **_writer_settings(config), client=http)
     servicer = StoryServicer(pool, writer, on_event_queued=relay.kick)
     server = await start_grpc_server(
         listen_addr=config.listen_addr,
@@ -59,6 +53,15 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     # Registered last so it runs first: stop taking calls before the pool goes away.
     stack.push_async_callback(server.stop)
     return server
+
+
+def _writer_settings(config: Config) -> dict[str, str | None]:
+    """The key, base URL and model of the configured writer (the local one needs none)."""
+    key, base_url, model = {
+        "anthropic": (config.anthropic_api_key, config.anthropic_base_url, config.anthropic_model),
+        "openai": (config.openai_api_key, config.openai_base_url, config.openai_story_model),
+    }.get(config.writer, (None, None, None))
+    return {"api_key": key.reveal() if key else None, "base_url": base_url, "model": model}
 
 
 async def _start_background(stack: contextlib.AsyncExitStack, work: Callable[[], Awaitable[None]], name: str) -> None:

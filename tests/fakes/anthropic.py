@@ -1,59 +1,64 @@
-"""A fake Anthropic Messages API (POST /v1/messages) whose answer is a JSON story."""
+"""A fake Anthropic Messages API (POST /v1/messages), answering with scripted replies.
+
+Shapes as documented at https://docs.anthropic.com/en/api/messages and /en/api/errors:
+a message with `content` blocks and a `stop_reason` (end_turn, max_tokens, refusal, ...);
+errors as {"type": "error", "error": {"type", "message"}, "request_id"}.
+"""
 
 from __future__ import annotations
 
-import json
 import uuid
 
 from aiohttp import web
 
+from tests.fakes.chat_model import SAMPLE_REPLY, SAMPLE_STORY, ScriptedReplies
 from tests.fakes.http_server import FakeHttpServer
 
-MESSAGES_PATH = "/v1/messages"
+__all__ = ["MESSAGES_PATH", "SAMPLE_STORY", "FakeAnthropic", "anthropic_error"]
 
-SAMPLE_STORY = {
-    "title": "The Quiet Ward",
-    "patient": {
-        "name": "Agnes Marsh",
-        "age": 34,
-        "diagnosis": "melancholia",
-        "appearance": "gaunt, grey-eyed, in a stained gown",
-    },
-    "chapters": [
-        {"title": "Admission", "text": "She came in the rain.\n\nNobody signed for her."},
-        {"title": "Observation", "text": "She counts the bars.\n\nThere are always more."},
-        {"title": "The Last Entry", "text": "The bed was made.\n\nThe window was painted shut."},
-    ],
-    "image_generation_prompt": "Portrait of a gaunt woman in a stained asylum gown, gaslight",
-}
+MESSAGES_PATH = "/v1/messages"
 
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
     429: "rate_limit_error",
     500: "api_error",
     529: "overloaded_error",
 }
 
 
-def anthropic_error(status: int, message: str) -> dict:
-    """The error body Anthropic documents: {"type": "error", "error": {"type", "message"}}."""
-    return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
+def anthropic_error(status: int, message: str, *, error_code: str | None = None) -> dict:
+    error = {"type": ERROR_TYPES.get(status, "api_error"), "message": message}
+    if error_code is not None:  # e.g. a 429 for a spend limit: {"details": {"error_code": ...}}
+        error["details"] = {"error_code": error_code}
+    return {"type": "error", "error": error, "request_id": f"req_{uuid.uuid4().hex[:24]}"}
 
 
 class FakeAnthropic(FakeHttpServer):
-    """Answers every message with `reply_text` (by default SAMPLE_STORY as JSON)."""
+    """`reply_text` / `stop_reason` answer every call unless replies were scripted."""
 
     def __init__(self, *, api_key: str = "test-anthropic-key") -> None:
         super().__init__()
         self.api_key = api_key
-        self.reply_text = json.dumps(SAMPLE_STORY)
+        self.replies = ScriptedReplies()
+        self.reply_text = SAMPLE_REPLY.text
         self.stop_reason = "end_turn"
 
-    def fail_next(self, count: int = 1, *, status: int, message: str = "scripted failure", headers=None) -> None:
-        super().fail_next(
-            count, status=status, body=anthropic_error(status, message), headers=headers, path_prefix=MESSAGES_PATH
-        )
+    @property
+    def api_base_url(self) -> str:
+        return self.base_url
+
+    def reply_next(self, text: str, **options) -> None:
+        self.replies.reply_next(text, **options)
+
+    def fail_next(
+        self, count: int = 1, *, status: int, message: str = "scripted failure", headers=None, error_code=None
+    ) -> None:
+        body = anthropic_error(status, message, error_code=error_code)
+        super().fail_next(count, status=status, body=body, headers=headers, path_prefix=MESSAGES_PATH)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post(MESSAGES_PATH, self._create_message)
@@ -62,14 +67,20 @@ class FakeAnthropic(FakeHttpServer):
         if request.headers.get("x-api-key") != self.api_key:
             return web.json_response(anthropic_error(401, "invalid x-api-key"), status=401)
         body = await request.json()
+        scripted = self.replies.take()
+        if scripted is None:
+            text, stop_reason = self.reply_text, self.stop_reason
+        else:
+            text = scripted.text
+            stop_reason = "refusal" if scripted.refusal else "max_tokens" if scripted.truncated else "end_turn"
         return web.json_response(
             {
                 "id": f"msg_{uuid.uuid4().hex[:24]}",
                 "type": "message",
                 "role": "assistant",
                 "model": body.get("model"),
-                "content": [{"type": "text", "text": self.reply_text}],
-                "stop_reason": self.stop_reason,
+                "content": [{"type": "text", "text": text}] if text else [],
+                "stop_reason": stop_reason,
                 "stop_sequence": None,
                 "usage": {"input_tokens": 250, "output_tokens": 900},
             }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ class RecordedRequest:
     path: str
     headers: Mapping[str, str]  # case-insensitive, as HTTP header names are
     body: bytes
+    received_at: float = 0.0  # time.monotonic(), to check the wait between two requests
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -91,7 +93,9 @@ class FakeHttpServer:
     @web.middleware
     async def _record_and_script(self, request: web.Request, handler) -> web.StreamResponse:
         body = await request.read()
-        self.requests.append(RecordedRequest(request.method, request.path, CIMultiDict(request.headers), body))
+        self.requests.append(
+            RecordedRequest(request.method, request.path, CIMultiDict(request.headers), body, time.monotonic())
+        )
         if self.delay_seconds:
             await asyncio.sleep(self.delay_seconds)
         fault = self._take_fault(request.path)

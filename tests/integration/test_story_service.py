@@ -113,7 +113,7 @@ async def test_generate_story_with_the_local_writer(story, events):
     generated = (await story.GenerateStory(pb.GenerateStoryRequest(user_id="u1", theme="a lighthouse"), metadata=GATEWAY)).story
 
     assert generated.title and generated.patient.name and generated.image_generation_prompt
-    assert len(generated.chapters) == 3
+    assert 3 <= len(generated.chapters) <= 7
     assert all(chapter.text for chapter in generated.chapters)
     assert len(await events(1)) == 1
 

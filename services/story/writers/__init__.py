@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import httpx
 
-from services.story.writers.anthropic import DEFAULT_BASE_URL as ANTHROPIC_DEFAULT_BASE_URL
+from services.story.writers import anthropic, openai
 from services.story.writers.anthropic import AnthropicWriter
 from services.story.writers.base import StoryWriter, WriterError
 from services.story.writers.local import LocalWriter
+from services.story.writers.openai import OpenAIWriter
 
-__all__ = ["STORY_WRITERS", "AnthropicWriter", "LocalWriter", "StoryWriter", "WriterError", "build_writer"]
+__all__ = ["STORY_WRITERS", "AnthropicWriter", "LocalWriter", "OpenAIWriter", "StoryWriter", "WriterError", "build_writer"]
 
-STORY_WRITERS = ("local", "anthropic")
-ANTHROPIC_DEFAULT_MODEL = "claude-sonnet-4-5"
+STORY_WRITERS = ("local", "anthropic", "openai")
+# The variable that holds each model writer's key, for the message when it is missing.
+KEY_VARIABLES = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
 
 
 def build_writer(
@@ -29,10 +31,12 @@ def build_writer(
     choice = name.strip().lower()
     if choice == "local":
         return LocalWriter()
+    if choice not in KEY_VARIABLES:
+        raise ValueError(f"STORY_WRITER: unknown writer {name!r}; expected one of {', '.join(STORY_WRITERS)}")
+    if not api_key:
+        raise ValueError(f"{KEY_VARIABLES[choice]} is required when STORY_WRITER={choice}")
     if choice == "anthropic":
-        if not api_key:
-            raise ValueError("ANTHROPIC_API_KEY is required when STORY_WRITER=anthropic")
         return AnthropicWriter(
-            api_key, base_url or ANTHROPIC_DEFAULT_BASE_URL, model=model or ANTHROPIC_DEFAULT_MODEL, client=client
+            api_key, base_url or anthropic.DEFAULT_BASE_URL, model=model or anthropic.DEFAULT_MODEL, client=client
         )
-    raise ValueError(f"STORY_WRITER: unknown writer {name!r}; expected one of {', '.join(STORY_WRITERS)}")
+    return OpenAIWriter(api_key, base_url or openai.DEFAULT_BASE_URL, model=model or openai.DEFAULT_MODEL, client=client)
