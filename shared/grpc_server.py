@@ -14,10 +14,10 @@ from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from shared.config import ConfigError
 from shared.logs import configure_logging
+from shared.reflection import enable_reflection
 
 ConfigT = TypeVar("ConfigT")
 
@@ -63,9 +63,7 @@ async def start_grpc_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = [service.name for service in services]
-    reflection.enable_server_reflection(
-        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    enable_reflection(server, [*service_names, health.SERVICE_NAME])
     port = _bind(server, listen_addr)
     await server.start()
     for name in ["", *service_names]:
