@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import httpx
 
-from services.story.writers import anthropic, openai
 from services.story.writers.anthropic import AnthropicWriter
 from services.story.writers.base import StoryWriter, WriterError
 from services.story.writers.local import LocalWriter
@@ -35,8 +34,5 @@ def build_writer(
         raise ValueError(f"STORY_WRITER: unknown writer {name!r}; expected one of {', '.join(STORY_WRITERS)}")
     if not api_key:
         raise ValueError(f"{KEY_VARIABLES[choice]} is required when STORY_WRITER={choice}")
-    if choice == "anthropic":
-        return AnthropicWriter(
-            api_key, base_url or anthropic.DEFAULT_BASE_URL, model=model or anthropic.DEFAULT_MODEL, client=client
-        )
-    return OpenAIWriter(api_key, base_url or openai.DEFAULT_BASE_URL, model=model or openai.DEFAULT_MODEL, client=client)
+    writer_class = AnthropicWriter if choice == "anthropic" else OpenAIWriter
+    return writer_class(api_key, base_url, model, client=client)

@@ -9,18 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-
 from services.story.writers.base import WriterError
-from services.story.writers.chat import (
-    DEFAULT_RETRY_POLICY,
-    Message,
-    ModelReply,
-    RetryPolicy,
-    first_request,
-    post_json,
-    write_story,
-)
+from services.story.writers.chat import ChatWriter, Message, ModelReply, post_json
 from services.story.writers.story_json import INSTRUCTIONS
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -32,33 +22,15 @@ FINISHED = frozenset({"end_turn", "stop_sequence"})
 CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
 
 
-class AnthropicWriter:
+class AnthropicWriter(ChatWriter):
     """Writes a story with Claude."""
 
     name = "anthropic"
+    default_base_url = DEFAULT_BASE_URL
+    default_model = DEFAULT_MODEL
 
-    def __init__(
-        self,
-        api_key: str,
-        base_url: str = DEFAULT_BASE_URL,
-        model: str = DEFAULT_MODEL,
-        client: httpx.AsyncClient | None = None,
-        timeout: float = 60,
-        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
-    ) -> None:
-        self._api_key = api_key
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self._client = client
-        self.timeout = timeout
-        self._retry_policy = retry_policy
-
-    def __repr__(self) -> str:
-        return f"AnthropicWriter(base_url={self.base_url!r}, model={self.model!r})"
-
-    async def write(self, *, theme: str | None, seed: str) -> dict[str, Any]:
-        messages = [{"role": "user", "content": first_request(theme, seed)}]
-        return await write_story(self.name, self._complete, messages, policy=self._retry_policy)
+    def _opening(self, request: str) -> list[Message]:
+        return [{"role": "user", "content": request}]  # the instructions go in `system`
 
     async def _complete(self, messages: list[Message]) -> ModelReply:
         reply = await post_json(

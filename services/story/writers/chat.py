@@ -66,6 +66,44 @@ class RetryPolicy:
 DEFAULT_RETRY_POLICY = RetryPolicy()
 
 
+class ChatWriter:
+    """What a model writer is apart from its API: a key, an endpoint, a model, the process's
+    HTTP client. Subclasses say how the conversation opens and how one call is made."""
+
+    name = ""
+    default_base_url = ""
+    default_model = ""
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str | None = None,
+        model: str | None = None,
+        client: httpx.AsyncClient | None = None,
+        timeout: float = 60,
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+    ) -> None:
+        self._api_key = api_key
+        self.base_url = (base_url or self.default_base_url).rstrip("/")
+        self.model = model or self.default_model
+        self._client = client
+        self.timeout = timeout
+        self._retry_policy = retry_policy
+
+    def __repr__(self) -> str:  # never the key
+        return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r})"
+
+    async def write(self, *, theme: str | None, seed: str) -> dict[str, Any]:
+        messages = self._opening(first_request(theme, seed))
+        return await write_story(self.name, self._complete, messages, policy=self._retry_policy)
+
+    def _opening(self, request: str) -> list[Message]:
+        raise NotImplementedError
+
+    async def _complete(self, messages: list[Message]) -> ModelReply:
+        raise NotImplementedError
+
+
 async def write_story(
     writer_name: str,
     complete: Callable[[list[Message]], Awaitable[ModelReply]],

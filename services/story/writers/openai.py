@@ -17,18 +17,8 @@ import logging
 from enum import StrEnum
 from typing import Any
 
-import httpx
-
 from services.story.writers.base import WriterError
-from services.story.writers.chat import (
-    DEFAULT_RETRY_POLICY,
-    Message,
-    ModelReply,
-    RetryPolicy,
-    first_request,
-    post_json,
-    write_story,
-)
+from services.story.writers.chat import ChatWriter, Message, ModelReply, post_json
 from services.story.writers.story_json import INSTRUCTIONS, STORY_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -50,38 +40,21 @@ class ResponseFormat(StrEnum):
 NEXT_FORMAT = {ResponseFormat.JSON_SCHEMA: ResponseFormat.JSON_OBJECT, ResponseFormat.JSON_OBJECT: ResponseFormat.NONE}
 
 
-class OpenAIWriter:
+class OpenAIWriter(ChatWriter):
     """Writes a story with a chat completions model."""
 
     name = "openai"
+    default_base_url = DEFAULT_BASE_URL
+    default_model = DEFAULT_MODEL
 
-    def __init__(
-        self,
-        api_key: str,
-        base_url: str = DEFAULT_BASE_URL,
-        model: str = DEFAULT_MODEL,
-        client: httpx.AsyncClient | None = None,
-        timeout: float = 60,
-        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
-    ) -> None:
-        self._api_key = api_key
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self._client = client
-        self.timeout = timeout
-        self._retry_policy = retry_policy
+    def __init__(self, api_key: str, base_url: str | None = None, model: str | None = None, **options: Any) -> None:
+        super().__init__(api_key, base_url, model, **options)
+        # What this endpoint takes, learnt from its refusals (see the module docstring).
         self.response_format = ResponseFormat.JSON_SCHEMA
         self.token_limit_field = "max_tokens"
 
-    def __repr__(self) -> str:
-        return f"OpenAIWriter(base_url={self.base_url!r}, model={self.model!r})"
-
-    async def write(self, *, theme: str | None, seed: str) -> dict[str, Any]:
-        messages = [
-            {"role": "system", "content": INSTRUCTIONS},
-            {"role": "user", "content": first_request(theme, seed)},
-        ]
-        return await write_story(self.name, self._complete, messages, policy=self._retry_policy)
+    def _opening(self, request: str) -> list[Message]:
+        return [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": request}]
 
     async def _complete(self, messages: list[Message]) -> ModelReply:
         # Bounded: each refusal of a parameter moves to a smaller request, and there are three.
