@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 import uuid
 
 from aiohttp import web
 from PIL import Image
 
-from tests.fakes.http_server import FakeHttpServer
+from tests.fakes.http_server import FakeHttpServer, ScriptedFault
 
 GENERATIONS_PATH = "/v1/images/generations"
 
@@ -35,6 +36,8 @@ class FakeRecraft(FakeHttpServer):
         self.image_size = image_size
         self.image_mode = "png"
         self.images: dict[str, bytes] = {}
+        # Generation calls whose prompt contains a key get its (status, headers) every time.
+        self.fail_prompts: dict[str, tuple[int, dict[str, str]]] = {}
 
     def fail_next(
         self,
@@ -50,6 +53,21 @@ class FakeRecraft(FakeHttpServer):
         super().fail_next(
             count, status=status, body={"code": code, "message": message}, headers=headers, path_prefix=path_prefix
         )
+
+    def fault_for(self, path: str, body: bytes) -> ScriptedFault | None:
+        if path != GENERATIONS_PATH or not self.fail_prompts:
+            return None
+        try:
+            prompt = json.loads(body).get("prompt", "")
+        except ValueError:
+            return None
+        for needle, (status, headers) in self.fail_prompts.items():
+            if needle in prompt:
+                return ScriptedFault(status, {"code": "scripted_failure", "message": f"failing {needle}"}, dict(headers))
+        return None
+
+    def generation_requests(self, prompt_part: str = "") -> list:
+        return [r for r in self.requests_to(GENERATIONS_PATH) if prompt_part in r.json().get("prompt", "")]
 
     @property
     def api_base_url(self) -> str:
