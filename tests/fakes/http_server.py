@@ -25,6 +25,7 @@ class RecordedRequest:
     headers: Mapping[str, str]  # case-insensitive, as HTTP header names are
     body: bytes
     received_at: float = 0.0  # time.monotonic() when the request arrived
+    peer: tuple | None = None  # the client's (host, port): one per TCP connection
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -97,7 +98,14 @@ class FakeHttpServer:
     async def _record_and_script(self, request: web.Request, handler) -> web.StreamResponse:
         body = await request.read()
         self.requests.append(
-            RecordedRequest(request.method, request.path, CIMultiDict(request.headers), body, time.monotonic())
+            RecordedRequest(
+                request.method,
+                request.path,
+                CIMultiDict(request.headers),
+                body,
+                time.monotonic(),
+                request.transport.get_extra_info("peername") if request.transport else None,
+            )
         )
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)

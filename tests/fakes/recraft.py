@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import time
@@ -26,7 +27,7 @@ class FakeRecraft(FakeHttpServer):
     """Speaks Recraft's documented generation API; images live under /files/<id>.png.
 
     `image_mode` decides what /files serves: "png" (with Content-Length), "png_chunked"
-    (streamed, no Content-Length), or "not_image" (an HTML page).
+    (streamed, no Content-Length), "gzip" (Content-Encoding: gzip) or "not_image" (HTML).
     """
 
     def __init__(self, *, api_key: str = "test-recraft-key", image_size: tuple[int, int] | None = (64, 64)) -> None:
@@ -115,6 +116,10 @@ class FakeRecraft(FakeHttpServer):
             return web.Response(text="<html><body>Access denied</body></html>", content_type="text/html")
         if self.image_mode == "png_chunked":
             return await _stream_without_length(request, data)
+        if self.image_mode == "gzip":
+            return web.Response(
+                body=gzip.compress(data), content_type="image/png", headers={"Content-Encoding": "gzip"}
+            )
         return web.Response(body=data, content_type="image/png")
 
     async def _redirect(self, request: web.Request) -> web.Response:
