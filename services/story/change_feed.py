@@ -51,8 +51,9 @@ class _Story:
 class Subscription:
     """One watcher's view: wait for a change, then read the story (shared with the others)."""
 
-    def __init__(self, story: _Story) -> None:
+    def __init__(self, story: _Story, feed: StoryChangeFeed) -> None:
         self._story = story
+        self._feed = feed
         self._seen = story.generation
 
     @staticmethod
@@ -60,8 +61,11 @@ class Subscription:
         return asyncio.get_running_loop().time()
 
     async def wait(self, timeout: float) -> bool:
-        """True once the story changed since the last wait; False after `timeout`."""
+        """True once the story changed since the last wait; False after `timeout` or once
+        the feed is closing (the stream then ends with the current state)."""
         story = self._story
+        if self._feed.closing:
+            return False
         changed = story.changed
         if story.generation == self._seen:
             try:
@@ -93,6 +97,7 @@ class StoryChangeFeed:
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
         self.listening = asyncio.Event()
+        self.closing = False
 
     @property
     def watchers(self) -> int:
@@ -100,6 +105,12 @@ class StoryChangeFeed:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen_forever(), name="story-change-feed")
+
+    async def end_watches(self) -> None:
+        """Shutting down: every stream ends now, with the current state, and no new one waits."""
+        self.closing = True
+        for story in self._stories.values():
+            story.bump()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -117,7 +128,7 @@ class StoryChangeFeed:
         story.watchers += 1
         self._watchers += 1
         try:
-            yield Subscription(story)
+            yield Subscription(story, self)
         finally:
             self._watchers -= 1
             story.watchers -= 1

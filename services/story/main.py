@@ -83,6 +83,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         ],
         interceptors=[AuthInterceptor(config.auth_tokens.reveal(), ALLOWED_CALLERS)],
     )
+    server.on_stop.append(changes.end_watches)
     # Registered last so it runs first: stop taking calls before the pool goes away.
     stack.push_async_callback(server.stop)
     return server
