@@ -463,6 +463,7 @@ async def test_transient_provider_failures_stop_at_the_attempt_budget(image_env,
         await eventually(lambda: story_peer.statuses, what="SetPortraitStatus")
         [(_, status, reason)] = story_peer.statuses
         assert status == story_service_pb2.PORTRAIT_STATUS_FAILED and "503" in reason
+        await eventually(lambda: consumer_settled(js, 1), what="the final ack")
         row = await portrait_row(db, story_id)
         assert row["status"] == "FAILED" and 2 <= row["deliveries"] < 50
 
@@ -691,12 +692,12 @@ async def test_nats_outage_mid_paint_neither_stops_nor_repeats_the_portrait(
         assert story_peer.images == [(story_id, key_of(story_id))]
         assert len(recraft.generation_requests()) == 1
         assert await stored_keys(s3, s3_bucket) == [key_of(story_id)]
-        assert (await portrait_row(db, story_id))["status"] == "READY"
         nc = await nats.connect(nats_server.url)
         try:
             await eventually(lambda: consumer_settled(nc.jetstream(), 1), timeout=15, what="the ack")
         finally:
             await nc.close()
+        assert (await portrait_row(db, story_id))["status"] == "READY"
 
 
 async def _lease_after(db, story_id: str, *, seconds_after_claim: float):
@@ -794,4 +795,8 @@ async def test_database_down_through_every_delivery_still_ends_the_portrait_fail
         [(_, status, reason)] = story_peer.statuses
         assert status == story_service_pb2.PORTRAIT_STATUS_FAILED
         assert "no delivery left" in reason
-        assert (await portrait_row(db, story_id))["status"] == "FAILED"
+
+        async def recorded() -> bool:  # recorded here right after the story was told
+            return (await portrait_row(db, story_id))["status"] == "FAILED"
+
+        await eventually(recorded, what="the failure recorded")
