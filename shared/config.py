@@ -272,3 +272,14 @@ def nats_settings(
     if login_password is not None and not login_user:
         raise ConfigError(name, "a NATS password needs a user (NATS_USER)")
     return NatsSettings(url=clean, user=login_user, password=login_password, token=token)
+
+
+def env_nats(env: Mapping[str, str], default_url: str = "nats://127.0.0.1:4222") -> NatsSettings:
+    """NATS_URL and the login: NATS_TOKEN, or NATS_USER with NATS_PASSWORD (or in the URL)."""
+    return nats_settings(
+        "NATS_URL",
+        env_str(env, "NATS_URL", default_url),
+        user=env_secret(env, "NATS_USER"),
+        password=env_secret(env, "NATS_PASSWORD"),
+        token=env_secret(env, "NATS_TOKEN"),
+    )

@@ -19,7 +19,7 @@ from shared.config import (
     env_listen_addr,
     env_secret,
     env_str,
-    nats_settings,
+    env_nats,
 )
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/casefile"
@@ -73,13 +73,7 @@ class Config:
             listen_addr=env_listen_addr(env, "IMAGE_ADDR", "127.0.0.1:50052"),
             database_url=env_database_secret(env, "DATABASE_URL", DEFAULT_DATABASE_URL),
             database_connect_timeout_seconds=env_float(env, "DATABASE_CONNECT_TIMEOUT_SECONDS", 15, minimum=0),
-            nats=nats_settings(
-                "NATS_URL",
-                env_str(env, "NATS_URL", "nats://127.0.0.1:4222"),
-                user=env_secret(env, "NATS_USER"),
-                password=env_secret(env, "NATS_PASSWORD"),
-                token=env_secret(env, "NATS_TOKEN"),
-            ),
+            nats=env_nats(env),
             nats_stream_replicas=env_int(env, "NATS_STREAM_REPLICAS", 1, minimum=1),
             s3_endpoint_url=_optional(env, "S3_ENDPOINT_URL"),
             s3_public_endpoint_url=_optional(env, "S3_PUBLIC_ENDPOINT_URL"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.streams import DUPLICATE_WINDOW_SECONDS
 from shared.config import (
     ConfigError,
     NatsSettings,
@@ -17,8 +16,9 @@ from shared.config import (
     env_listen_addr,
     env_secret,
     env_str,
-    nats_settings,
+    env_nats,
 )
+from shared.streams import DUPLICATE_WINDOW_SECONDS
 
 WRITERS = ("local", "anthropic")
 
@@ -56,13 +56,7 @@ class Config:
             listen_addr=env_listen_addr(env, "STORY_ADDR", "127.0.0.1:50051"),
             database_url=env_database_secret(env, "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/casefile"),
             database_connect_timeout_seconds=env_float(env, "DATABASE_CONNECT_TIMEOUT_SECONDS", 15, minimum=0),
-            nats=nats_settings(
-                "NATS_URL",
-                env_str(env, "NATS_URL", "nats://127.0.0.1:4222"),
-                user=env_secret(env, "NATS_USER"),
-                password=env_secret(env, "NATS_PASSWORD"),
-                token=env_secret(env, "NATS_TOKEN"),
-            ),
+            nats=env_nats(env),
             nats_stream_replicas=env_int(env, "NATS_STREAM_REPLICAS", 1, minimum=1),
             auth_tokens=env_auth_tokens(env),
             writer=writer,

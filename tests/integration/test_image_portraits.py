@@ -357,6 +357,24 @@ async def test_events_for_a_stale_attempt_or_an_unknown_story_paint_nothing(
     assert await db.fetchval("SELECT count(*) FROM image.portraits") == 0
 
 
+async def test_a_story_that_moved_on_mid_paint_refuses_the_image_and_that_is_final(
+    image_env, start_image, js, story_peer, db
+):
+    async with FakeRecraft(api_key="k-test") as recraft:
+        recraft.delay_seconds = 0.5
+        await start_image(recraft_env(image_env, recraft))
+        story_id = await new_story(js, story_peer, "the retried one")
+        await eventually(lambda: recraft.requests, what="the provider call")
+        story_peer.stories[story_id]["attempt"] = 2  # an operator's RetryPortrait, meanwhile
+
+        await eventually(lambda: consumer_settled(js, 1), what="the ack")
+        info = await js.consumer_info(STREAM, DURABLE)
+        assert info.num_redelivered == 0  # FAILED_PRECONDITION (a stale attempt) is not retried
+        assert story_peer.images == [] and story_peer.statuses == []
+        row = await portrait_row(db, story_id)
+        assert row["status"] == "FAILED" and "FAILED_PRECONDITION" in row["error"]
+
+
 async def test_blank_prompt_is_skipped(image_env, start_image, js, story_peer, s3, s3_bucket, db):
     await start_image(image_env())
     story_id = await new_story(js, story_peer, "  \n\t ")

@@ -21,6 +21,8 @@ TUNABLE = re.compile(
 )
 # ${NAME:?message}: compose refuses to start while NAME is unset; no fallback value.
 REQUIRED_FROM_ENVIRONMENT = re.compile(r"^\$\{(?P<name>[A-Z_]+):\?[^}]*\}$")
+# shared.config.env_nats reads these (and NATS_URL).
+NATS_LOGINS = ("NATS_TOKEN", "NATS_USER", "NATS_PASSWORD")
 # NATS takes a user and password instead of a token too; compose logs in with NATS_TOKEN.
 ALTERNATIVE_LOGINS = {"NATS_USER", "NATS_PASSWORD"}
 AWS_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
@@ -47,6 +49,11 @@ def variables_read_by(service: str) -> dict[str, bool]:
             name = "AUTH_TOKENS"
         elif function == "env_database_url":
             name = "DATABASE_URL"
+        elif function == "env_nats":
+            # NATS_URL has a default; the logins are optional.
+            for login in ("NATS_URL", *NATS_LOGINS):
+                found.setdefault(login, False)
+            continue
         else:
             continue
         has_default = len(node.args) > 2 or any(kw.arg == "default" for kw in node.keywords)
