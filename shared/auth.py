@@ -7,12 +7,15 @@ reflection stay open so operators and orchestrators can probe without a token.
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
+
+from shared.config import TOKEN_HASH_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without a known token, or from a caller the method does not allow."""
 
     def __init__(self, tokens: Mapping[str, str], allowed: Mapping[str, frozenset[str]]) -> None:
-        # Encoded once so every request compares bytes in constant time.
-        self._tokens = [(token.encode(), caller) for token, caller in tokens.items()]
+        # Encoded once so every request compares bytes in constant time. Entries listed as
+        # "sha256:<hex>" are compared with the hash of the presented token.
+        self._tokens = [_known_token(token, caller) for token, caller in tokens.items()]
         self._allowed = dict(allowed)
 
     async def intercept_service(
@@ -91,12 +95,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _caller_for(self, token: str) -> str | None:
         presented = token.encode()
+        presented_hash = hashlib.sha256(presented).hexdigest().encode()
         caller = None
         # No early exit: the time taken must not reveal which token matched.
-        for known, name in self._tokens:
-            if hmac.compare_digest(presented, known):
+        for known, hashed, name in self._tokens:
+            if hmac.compare_digest(presented_hash if hashed else presented, known):
                 caller = name
         return caller
+
+
+def _known_token(token: str, caller: str) -> tuple[bytes, bool, str]:
+    if token.startswith(TOKEN_HASH_PREFIX):
+        return token[len(TOKEN_HASH_PREFIX) :].encode(), True, caller
+    return token.encode(), False, caller
+
+
+def token_hash(token: str) -> str:
+    """The AUTH_TOKENS spelling of a caller listed by hash: `name:` + token_hash(token)."""
+    return TOKEN_HASH_PREFIX + hashlib.sha256(token.encode()).hexdigest()
 
 
 def _bearer_token(metadata: Iterable[Any] | None) -> str | None:

@@ -12,13 +12,17 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 T = TypeVar("T")
 
 _TRUE_WORDS = frozenset({"true", "1", "yes"})
 _FALSE_WORDS = frozenset({"false", "0", "no"})
 _CALLER_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+# `name:sha256:<64 hex>` lists a caller by the SHA-256 of its token, so a process that must
+# recognise a caller need not hold that caller's token in clear.
+TOKEN_HASH_PREFIX = "sha256:"
+_TOKEN_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
@@ -158,7 +162,10 @@ def env_database_url(
 
 
 def parse_auth_tokens(raw: str, name: str = "AUTH_TOKENS") -> Mapping[str, str]:
-    """token -> caller name from "admin:tok1,gateway:tok2"; a caller may hold several tokens."""
+    """token -> caller name from "admin:tok1,gateway:sha256:<hex>"; a caller may hold several.
+
+    A hashed entry stays "sha256:<hex>" in the mapping; shared.auth compares it to the hash
+    of the presented token."""
     entries = raw.split(",")
     if not raw.strip():
         raise ConfigError(name, "must list at least one name:token")
@@ -187,6 +194,10 @@ def _parse_token_entry(name: str, position: int, entry: str) -> tuple[str, str]:
         )
     if not token:
         raise ConfigError(name, f"entry {position} ({caller}) has an empty token")
+    if token.lower().startswith(TOKEN_HASH_PREFIX):
+        token = token.lower()
+        if not _TOKEN_HASH.match(token):
+            raise ConfigError(name, f"entry {position} ({caller}) must be sha256: and 64 hex digits")
     return caller, token
 
 
@@ -196,3 +207,79 @@ def env_auth_tokens(env: Mapping[str, str], name: str = "AUTH_TOKENS") -> Secret
     if raw is None:
         raise ConfigError(name, "is required (name:token,name:token,...)")
     return Secret(parse_auth_tokens(raw, name))
+
+
+def env_database_secret(
+    env: Mapping[str, str], name: str = "DATABASE_URL", default: str | None = None
+) -> Secret[str]:
+    """DATABASE_URL checked as env_database_url does, kept as a Secret: it may hold a password."""
+    return Secret(env_database_url(env, name, default))
+
+
+@dataclass(frozen=True)
+class NatsSettings:
+    """Where NATS is and how to log in; the URL kept here never carries credentials."""
+
+    url: str
+    user: str | None = None
+    password: Secret[str] | None = None
+    token: Secret[str] | None = None
+
+    def __repr__(self) -> str:
+        login = "token" if self.token else ("user" if self.user else "none")
+        return f"NatsSettings(url={self.url!r}, login={login})"
+
+    __str__ = __repr__
+
+    def connect_options(self) -> dict[str, str]:
+        """The nats-py connect() keywords for the login."""
+        options: dict[str, str] = {}
+        if self.user:
+            options["user"] = self.user
+        if self.password:
+            options["password"] = self.password.reveal()
+        if self.token:
+            options["token"] = self.token.reveal()
+        return options
+
+
+def nats_settings(
+    name: str,
+    url: str,
+    *,
+    user: Secret[str] | None = None,
+    password: Secret[str] | None = None,
+    token: Secret[str] | None = None,
+) -> NatsSettings:
+    """NATS_URL (credentials in it are moved out of the URL) plus NATS_USER/PASSWORD/TOKEN."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ConfigError(name, "is not a valid URL") from None
+    if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+        raise ConfigError(name, "must look like nats://host:4222")
+    in_url_user = unquote(parts.username) if parts.username else None
+    in_url_password = unquote(parts.password) if parts.password else None
+    if in_url_user and in_url_password is None and token is None:
+        # nats://<token>@host is how NATS spells a token in a URL.
+        token, in_url_user = Secret(in_url_user), None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    clean = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    login_user = user.reveal() if user else in_url_user
+    login_password = password or (Secret(in_url_password) if in_url_password else None)
+    if login_password is not None and not login_user:
+        raise ConfigError(name, "a NATS password needs a user (NATS_USER)")
+    return NatsSettings(url=clean, user=login_user, password=login_password, token=token)
+
+
+def env_nats(env: Mapping[str, str], default_url: str = "nats://127.0.0.1:4222") -> NatsSettings:
+    """NATS_URL and the login: NATS_TOKEN, or NATS_USER with NATS_PASSWORD (or in the URL)."""
+    return nats_settings(
+        "NATS_URL",
+        env_str(env, "NATS_URL", default_url),
+        user=env_secret(env, "NATS_USER"),
+        password=env_secret(env, "NATS_PASSWORD"),
+        token=env_secret(env, "NATS_TOKEN"),
+    )

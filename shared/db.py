@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 import asyncpg
 
-from shared.config import ConfigError
+from shared.config import ConfigError, Secret
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ _TRANSIENT_CONNECT_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.CannotConnec
 
 
 async def create_pool(
-    dsn: str,
+    dsn: str | Secret[str],
     *,
     min_size: int = 1,
     max_size: int = 10,
@@ -44,6 +44,8 @@ async def create_pool(
     Keeps trying for `connect_timeout` while the server does not answer (services often
     start together with their database), then raises DatabaseUnreachable.
     """
+    if isinstance(dsn, Secret):
+        dsn = dsn.reveal()
     deadline = asyncio.get_running_loop().time() + connect_timeout
     while True:
         try:

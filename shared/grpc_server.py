@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -43,11 +43,18 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    # Run once the server stops taking new calls, before the grace: they end calls that
+    # would otherwise run until cancelled (streams that wait for a change, say).
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING first so balancers stop routing here, then drain calls."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        for callback in self.on_stop:
+            await callback()
+        self.on_stop.clear()
+        await stopping
 
 
 async def start_grpc_server(

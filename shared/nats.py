@@ -1,4 +1,10 @@
-"""NATS connections that survive outages, and idempotent JetStream stream/consumer setup."""
+"""NATS connections that survive outages, and idempotent JetStream stream/consumer setup.
+
+Connections take a `NatsSettings` (or a bare URL for tests), so a password or token never
+travels in a URL that might be logged. Streams are declared from a `StreamSpec`
+(shared/streams.py lists them all): a stream that exists is never reset, only given the
+subjects it lacks, so limits or replicas an operator raised survive every start-up.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,15 @@ import asyncio
 import contextlib
 import logging
 import math
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit, urlunsplit
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
+
+from shared.config import NatsSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +60,17 @@ class _ConnectionEvents:
         log.info("nats.closed", extra=self._fields)
 
 
-async def _connect_forever(url: str, name: str, retry_delay: float) -> Client:
+NatsTarget = NatsSettings | str
+
+
+def _settings(target: NatsTarget) -> NatsSettings:
+    return target if isinstance(target, NatsSettings) else NatsSettings(url=target)
+
+
+async def _connect_forever(target: NatsTarget, name: str, retry_delay: float) -> Client:
     """Keeps trying until connected; once connected, reconnects forever on its own."""
+    settings = _settings(target)
+    url = settings.url
     events = _ConnectionEvents(url, name)
     client = Client()
     try:
@@ -61,6 +79,7 @@ async def _connect_forever(url: str, name: str, retry_delay: float) -> Client:
         await client.connect(
             url,
             name=name,
+            **settings.connect_options(),
             max_reconnect_attempts=-1,
             reconnect_time_wait=retry_delay,
             connect_timeout=_CONNECT_TIMEOUT_SECONDS,
@@ -78,23 +97,23 @@ async def _connect_forever(url: str, name: str, retry_delay: float) -> Client:
     return client
 
 
-async def connect_nats(url: str, *, name: str, timeout: float = 5.0) -> Client:
+async def connect_nats(target: NatsTarget, *, name: str, timeout: float = 5.0) -> Client:
     """Connect now or raise ConnectionError; after that, reconnect forever."""
     try:
         # asyncio.timeout, not wait_for, which can swallow a cancellation on Python 3.11.
         async with asyncio.timeout(timeout):
-            return await _connect_forever(url, name, _RECONNECT_WAIT_SECONDS)
+            return await _connect_forever(target, name, _RECONNECT_WAIT_SECONDS)
     except TimeoutError:
         raise ConnectionError(
-            f"nats: no server answered at {redact_url(url)} within {timeout}s"
+            f"nats: no server answered at {redact_url(_settings(target).url)} within {timeout}s"
         ) from None
 
 
 async def connect_nats_until_ready(
-    url: str, *, name: str, stop: asyncio.Event | None = None, retry_delay: float = 1.0
+    target: NatsTarget, *, name: str, stop: asyncio.Event | None = None, retry_delay: float = 1.0
 ) -> Client | None:
     """Keep trying the first connect (logging each failure); None if `stop` is set first."""
-    connecting = asyncio.ensure_future(_connect_forever(url, name, retry_delay))
+    connecting = asyncio.ensure_future(_connect_forever(target, name, retry_delay))
     if stop is None:
         return await connecting
     stopping = asyncio.ensure_future(stop.wait())
@@ -115,39 +134,67 @@ def msg_id_headers(msg_id: str) -> dict[str, str]:
     return {"Nats-Msg-Id": msg_id}
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a stream must be at least: its subjects and the limits it is created with."""
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age_seconds: float = 0
+    duplicate_window_seconds: float = 120
+
+
 async def ensure_stream(
     js: JetStreamContext,
+    spec: StreamSpec | None = None,
     *,
-    name: str,
-    subjects: list[str],
+    replicas: int = 1,
+    name: str | None = None,
+    subjects: list[str] | None = None,
     max_age_seconds: float | None = None,
     duplicate_window_seconds: float = 120,
 ) -> None:
-    """Create the stream, or update it when its settings differ; file storage."""
+    """Create the stream (file storage, `replicas` copies) or add the subjects it lacks.
+
+    An existing stream keeps every other setting, whatever it is: an operator may have
+    raised its replicas or limits, and a start-up must never undo that. A difference from
+    the spec is logged, not "fixed".
+    """
+    if spec is None:
+        spec = StreamSpec(name or "", tuple(subjects or ()), max_age_seconds or 0, duplicate_window_seconds)
     wanted = StreamConfig(
-        name=name,
-        subjects=list(subjects),
+        name=spec.name,
+        subjects=list(spec.subjects),
         storage=StorageType.FILE,
-        max_age=max_age_seconds or 0,
-        duplicate_window=duplicate_window_seconds,
+        max_age=spec.max_age_seconds or 0,
+        duplicate_window=spec.duplicate_window_seconds,
+        num_replicas=replicas,
     )
     try:
-        current = (await js.stream_info(name)).config
+        current = (await js.stream_info(spec.name)).config
     except NotFoundError:
         await js.add_stream(wanted)
-        log.info("nats.stream_created", extra={"stream": name, "subjects": subjects})
+        log.info("nats.stream_created", extra={"stream": spec.name, "subjects": list(spec.subjects), "replicas": replicas})
         return
-    if _stream_differs(current, wanted):
-        await js.update_stream(wanted)
-        log.info("nats.stream_updated", extra={"stream": name, "subjects": subjects})
+    _log_differences(current, wanted)
+    missing = [subject for subject in spec.subjects if subject not in (current.subjects or [])]
+    if missing:
+        await js.update_stream(replace(current, subjects=[*(current.subjects or []), *missing]))
+        log.info("nats.stream_subjects_added", extra={"stream": spec.name, "subjects": missing})
 
 
-def _stream_differs(current: StreamConfig, wanted: StreamConfig) -> bool:
-    return (
-        sorted(current.subjects or []) != sorted(wanted.subjects or [])
-        or not _same_seconds(current.max_age or 0, wanted.max_age or 0)
-        or not _same_seconds(current.duplicate_window or 0, wanted.duplicate_window or 0)
-    )
+def _log_differences(current: StreamConfig, wanted: StreamConfig) -> None:
+    differences = {
+        setting: {"current": mine, "declared": theirs}
+        for setting, mine, theirs in (
+            ("num_replicas", current.num_replicas or 1, wanted.num_replicas or 1),
+            ("max_age", current.max_age or 0, wanted.max_age or 0),
+            ("duplicate_window", current.duplicate_window or 0, wanted.duplicate_window or 0),
+        )
+        if not _same_seconds(mine, theirs)
+    }
+    if differences:
+        log.warning("nats.stream_settings_kept", extra={"stream": current.name, "differences": differences})
 
 
 async def ensure_pull_consumer(

@@ -7,31 +7,39 @@ from dataclasses import dataclass
 
 from services.image.providers import PORTRAIT_PROVIDERS
 from shared.config import (
+    TOKEN_HASH_PREFIX,
     ConfigError,
+    NatsSettings,
     Secret,
     env_auth_tokens,
     env_bool,
-    env_database_url,
+    env_database_secret,
     env_float,
     env_int,
     env_listen_addr,
     env_secret,
     env_str,
+    env_nats,
 )
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/casefile"
 DEFAULT_REDELIVERY_BACKOFF = "2,5,15,30,60,120,300"
 RECRAFT_DEFAULT_BASE_URL = "https://external.api.recraft.ai/v1"
-# The name under which AUTH_TOKENS lists this service's own token for outgoing calls.
+# The name under which AUTH_TOKENS may list this service's own token for outgoing calls;
+# IMAGE_TOKEN, when set, is used instead (AUTH_TOKENS may then hold only hashes).
 OWN_CALLER_NAME = "image"
+# Portraits wait on the network, not the CPU: a provider takes seconds per image.
+DEFAULT_PORTRAIT_CONCURRENCY = 16
+DEFAULT_MAX_ACK_PENDING = 1000
 
 
 @dataclass(frozen=True)
 class Config:
     listen_addr: str
-    database_url: str
+    database_url: Secret[str]
     database_connect_timeout_seconds: float
-    nats_url: str
+    nats: NatsSettings
+    nats_stream_replicas: int
     s3_endpoint_url: str | None
     s3_public_endpoint_url: str | None
     s3_bucket: str
@@ -44,33 +52,44 @@ class Config:
     recraft_base_url: str
     allow_private_downloads: bool
     portrait_concurrency: int
+    portrait_max_ack_pending: int
     portrait_max_deliver: int
     portrait_redelivery_backoff_seconds: tuple[float, ...]
     portrait_attempt_budget_seconds: float
     portrait_ack_wait_seconds: float
     portrait_shutdown_grace_seconds: float
+    portrait_provider_timeout_seconds: float
+    portrait_step_timeout_seconds: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
         tokens = env_auth_tokens(env)
         max_deliver = env_int(env, "PORTRAIT_MAX_DELIVER", 8, minimum=1)
+        concurrency = env_int(env, "PORTRAIT_CONCURRENCY", DEFAULT_PORTRAIT_CONCURRENCY, minimum=1)
+        max_ack_pending = env_int(env, "PORTRAIT_MAX_ACK_PENDING", DEFAULT_MAX_ACK_PENDING, minimum=1)
+        if max_ack_pending < concurrency:
+            raise ConfigError("PORTRAIT_MAX_ACK_PENDING", "must be at least PORTRAIT_CONCURRENCY (and far above it)")
         return cls(
             listen_addr=env_listen_addr(env, "IMAGE_ADDR", "127.0.0.1:50052"),
-            database_url=env_database_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL),
+            database_url=env_database_secret(env, "DATABASE_URL", DEFAULT_DATABASE_URL),
             database_connect_timeout_seconds=env_float(env, "DATABASE_CONNECT_TIMEOUT_SECONDS", 15, minimum=0),
-            nats_url=env_str(env, "NATS_URL", "nats://127.0.0.1:4222"),
+            nats=env_nats(env),
+            nats_stream_replicas=env_int(env, "NATS_STREAM_REPLICAS", 1, minimum=1),
             s3_endpoint_url=_optional(env, "S3_ENDPOINT_URL"),
             s3_public_endpoint_url=_optional(env, "S3_PUBLIC_ENDPOINT_URL"),
             s3_bucket=env_str(env, "S3_BUCKET", "casefile"),
             s3_region=env_str(env, "S3_REGION", env_str(env, "AWS_DEFAULT_REGION", "us-east-1")),
             story_addr=env_str(env, "STORY_ADDR", "127.0.0.1:50051"),
             auth_tokens=tokens,
-            outgoing_token=_own_token(tokens),
+            outgoing_token=_own_token(env_secret(env, "IMAGE_TOKEN"), tokens),
             portrait_provider=_provider_name(env),
             recraft_api_key=env_secret(env, "RECRAFT_API_KEY"),
             recraft_base_url=env_str(env, "RECRAFT_BASE_URL", RECRAFT_DEFAULT_BASE_URL),
             allow_private_downloads=env_bool(env, "ALLOW_PRIVATE_DOWNLOADS", False),
-            portrait_concurrency=env_int(env, "PORTRAIT_CONCURRENCY", 4, minimum=1),
+            portrait_concurrency=concurrency,
+            # Bounds the whole consumer across every process, messages waiting out a retry
+            # delay included; concurrency per process is bounded by what each one fetches.
+            portrait_max_ack_pending=max_ack_pending,
             portrait_max_deliver=max_deliver,
             portrait_redelivery_backoff_seconds=_backoff_list(env),
             portrait_attempt_budget_seconds=env_float(
@@ -81,6 +100,8 @@ class Config:
             portrait_shutdown_grace_seconds=env_float(
                 env, "PORTRAIT_SHUTDOWN_GRACE_SECONDS", 5, minimum=0
             ),
+            portrait_provider_timeout_seconds=env_float(env, "PORTRAIT_PROVIDER_TIMEOUT_SECONDS", 90, minimum=0.1),
+            portrait_step_timeout_seconds=env_float(env, "PORTRAIT_STEP_TIMEOUT_SECONDS", 10, minimum=0.1),
         )
 
 
@@ -97,11 +118,15 @@ def _optional(env: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
-def _own_token(tokens: Secret) -> Secret:
+def _own_token(own: Secret[str] | None, tokens: Secret) -> Secret:
+    if own is not None:
+        return own
     for token, caller in tokens.reveal().items():
-        if caller == OWN_CALLER_NAME:
+        if caller == OWN_CALLER_NAME and not token.startswith(TOKEN_HASH_PREFIX):
             return Secret(token)
-    raise ConfigError("AUTH_TOKENS", f"must hold a token for '{OWN_CALLER_NAME}' (used to call story)")
+    raise ConfigError(
+        "IMAGE_TOKEN", f"is required unless AUTH_TOKENS holds '{OWN_CALLER_NAME}' in clear (used to call story)"
+    )
 
 
 def _backoff_list(env: Mapping[str, str]) -> tuple[float, ...]:

@@ -8,20 +8,25 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from casefile.image.v1 import image_service_pb2, image_service_pb2_grpc
-from services.image import domain
+from services.image import image_urls
+from services.image.errors import DependencyUnavailable
 from shared.auth import allow, current_caller
+from shared.grpc_errors import ErrorTable
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "casefile.image.v1.ImageService"
 
-# The one place where domain errors become status codes (most specific class first).
-ERROR_CODES: dict[type[domain.DomainError], grpc.StatusCode] = {
-    domain.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    domain.NotFound: grpc.StatusCode.NOT_FOUND,
-    domain.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    domain.Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
+# The one place where domain errors become status codes and stable ErrorInfo reasons.
+ERRORS = ErrorTable(
+    "image.casefile",
+    {
+        image_urls.InvalidField: (grpc.StatusCode.INVALID_ARGUMENT, None),
+        image_urls.ImageNotFound: (grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND"),
+        DependencyUnavailable: (grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"),
+    },
+)
+_REFUSALS = (image_urls.UrlError, DependencyUnavailable)
 
 _PLAYER_FACING = ("gateway", "admin")
 # Who may call what, as in CONTRACT.md's "who may call" column.
@@ -41,21 +46,9 @@ ALLOWED_CALLERS = allow(
 )
 
 
-def status_code_for(error: domain.DomainError) -> grpc.StatusCode:
-    for error_class in type(error).__mro__:
-        if error_class in ERROR_CODES:
-            return ERROR_CODES[error_class]
-    # A DomainError without an entry is a server-side bug, never the caller's mistake.
-    return grpc.StatusCode.INTERNAL
-
-
-async def _abort_with(context: grpc.aio.ServicerContext, method: str, error: domain.DomainError) -> None:
-    code = status_code_for(error)
-    log.info(
-        "rpc.refused",
-        extra={"method": method, "caller": current_caller(), "code": code.name, "error": str(error)},
-    )
-    await context.abort(code, str(error))
+async def _abort_with(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
+    log.info("rpc.refused", extra={"method": method, "caller": current_caller(), "error": str(error)})
+    await ERRORS.abort(context, error)
 
 
 async def _not_implemented(context: grpc.aio.ServicerContext, method: str) -> None:
@@ -63,18 +56,18 @@ async def _not_implemented(context: grpc.aio.ServicerContext, method: str) -> No
 
 
 class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
-    def __init__(self, objects: domain.PortraitObjects) -> None:
+    def __init__(self, objects: image_urls.SignedObjects) -> None:
         self._objects = objects
 
     async def GetImageUrl(self, request, context):
         try:
-            signed = await domain.image_url(
+            signed = await image_urls.image_url(
                 self._objects,
                 storage_id=request.storage_id,
                 user_id=request.user_id,
                 expires_in_seconds=request.expires_in_seconds,
             )
-        except domain.DomainError as error:
+        except _REFUSALS as error:
             await _abort_with(context, "GetImageUrl", error)
         expire_time = Timestamp()
         expire_time.FromDatetime(signed.expire_time)

@@ -14,12 +14,19 @@ import httpx
 from casefile.image.v1 import image_service_pb2_grpc
 from casefile.story.v1 import story_service_pb2_grpc
 from services.image.config import Config
-from services.image.domain import PortraitDeps, PortraitEvent, PortraitOutcome, paint_portrait
 from services.image.handlers import ALLOWED_CALLERS, SERVICE_NAME, ImageServicer
-from services.image.messaging import ConsumerSettings, PortraitConsumer
+from services.image.lease import LeaseTiming
 from services.image.objects import ObjectStore, s3_client_config
+from services.image.portraits.domain import (
+    PortraitDeps,
+    PortraitEvent,
+    PortraitTimeouts,
+    end_abandoned_portrait,
+    paint_portrait,
+)
+from services.image.portraits.messaging import DeadLetters, PortraitConsumerSettings, portrait_consumer
+from services.image.portraits.story_client import StoryClient
 from services.image.providers import build_portrait_provider
-from services.image.story_client import StoryClient
 from shared.auth import AuthInterceptor
 from shared.db import close_pool, create_pool
 from shared.grpc_server import RunningServer, ServiceSpec, serve_main, start_grpc_server
@@ -28,8 +35,11 @@ from shared.migrations import apply_migrations
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-# Connections beyond the painting slots serve the migration runner and bookkeeping.
-EXTRA_POOL_CONNECTIONS = 2
+# Connections beyond the painting slots serve lease renewals and the dead-letter consumer.
+EXTRA_POOL_CONNECTIONS = 4
+# A lease outlives the consumer's ack wait by this much: a redelivery after a crash finds
+# it lapsed, or lapsing within this margin.
+LEASE_MARGIN_SECONDS = 2.0
 
 
 async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServer:
@@ -39,6 +49,10 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     # One HTTP client for the process, so provider calls and downloads reuse connections;
     # redirects stay off because the downloader checks every hop itself.
     http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
+    timeouts = PortraitTimeouts(
+        provider_seconds=config.portrait_provider_timeout_seconds,
+        step_seconds=config.portrait_step_timeout_seconds,
+    )
     deps = PortraitDeps(
         pool=pool,
         provider=build_portrait_provider(
@@ -50,10 +64,11 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         ),
         objects=objects,
         stories=_open_story_client(config, stack),
-        budget_seconds=config.portrait_attempt_budget_seconds,
-        ack_wait_seconds=config.portrait_ack_wait_seconds,
+        lease=LeaseTiming(seconds=config.portrait_ack_wait_seconds + LEASE_MARGIN_SECONDS),
+        timeouts=timeouts,
+        provider_budget_seconds=config.portrait_attempt_budget_seconds,
     )
-    _start_consumer(config, deps, stack)
+    _start_consumers(config, deps, stack)
     servicer = ImageServicer(objects)
     server = await start_grpc_server(
         listen_addr=config.listen_addr,
@@ -93,7 +108,13 @@ async def _open_object_store(config: Config, stack: contextlib.AsyncExitStack) -
     public = config.s3_public_endpoint_url
     if public and public != config.s3_endpoint_url:
         presign_client = await stack.enter_async_context(_s3_client(session, config, public))
-    objects = ObjectStore(client, config.s3_bucket, region=config.s3_region, presign_client=presign_client)
+    objects = ObjectStore(
+        client,
+        config.s3_bucket,
+        region=config.s3_region,
+        presign_client=presign_client,
+        timeout_seconds=config.portrait_step_timeout_seconds,
+    )
     if not await objects.try_ensure_bucket():
         log.warning("s3.unavailable_at_start", extra={"bucket": config.s3_bucket})
     return objects
@@ -104,7 +125,9 @@ def _s3_client(session, config: Config, endpoint_url: str | None):
         "s3",
         endpoint_url=endpoint_url,
         region_name=config.s3_region,
-        config=s3_client_config(custom_endpoint=endpoint_url is not None),
+        config=s3_client_config(
+            custom_endpoint=endpoint_url is not None, timeout_seconds=config.portrait_step_timeout_seconds
+        ),
     )
 
 
@@ -112,27 +135,35 @@ def _open_story_client(config: Config, stack: contextlib.AsyncExitStack) -> Stor
     channel = grpc.aio.insecure_channel(config.story_addr)
     stack.push_async_callback(channel.close)
     stub = story_service_pb2_grpc.StoryServiceStub(channel)
-    return StoryClient(stub, config.outgoing_token.reveal())
+    return StoryClient(stub, config.outgoing_token.reveal(), timeout=config.portrait_step_timeout_seconds)
 
 
-def _start_consumer(config: Config, deps: PortraitDeps, stack: contextlib.AsyncExitStack) -> None:
-    async def paint(event: PortraitEvent, final_delivery: bool) -> PortraitOutcome:
-        return await paint_portrait(event, deps, final_delivery=final_delivery)
+def _start_consumers(config: Config, deps: PortraitDeps, stack: contextlib.AsyncExitStack) -> None:
+    async def paint(event: PortraitEvent, delivery: int, final: bool):
+        return await paint_portrait(event, deps, delivery=delivery, final=final)
 
-    consumer = PortraitConsumer(
-        ConsumerSettings(
-            nats_url=config.nats_url,
-            concurrency=config.portrait_concurrency,
-            max_deliver=config.portrait_max_deliver,
-            redelivery_backoff_seconds=config.portrait_redelivery_backoff_seconds,
-            attempt_budget_seconds=config.portrait_attempt_budget_seconds,
-            ack_wait_seconds=config.portrait_ack_wait_seconds,
-            shutdown_grace_seconds=config.portrait_shutdown_grace_seconds,
-        ),
-        paint,
+    async def end_abandoned(event: PortraitEvent):
+        return await end_abandoned_portrait(event, deps)
+
+    settings = PortraitConsumerSettings(
+        nats=config.nats,
+        concurrency=config.portrait_concurrency,
+        max_deliver=config.portrait_max_deliver,
+        max_ack_pending=config.portrait_max_ack_pending,
+        redelivery_backoff_seconds=config.portrait_redelivery_backoff_seconds,
+        ack_wait_seconds=config.portrait_ack_wait_seconds,
+        # The whole delivery is bounded by the sum of its steps' bounds; heartbeats and the
+        # lease last exactly as long, so no other worker can take over work still running.
+        max_work_seconds=deps.timeouts.longest_delivery_seconds,
+        stream_replicas=config.nats_stream_replicas,
+        shutdown_grace_seconds=config.portrait_shutdown_grace_seconds,
     )
+    consumer = portrait_consumer(settings, paint)
     consumer.start()
     stack.push_async_callback(consumer.stop)
+    dead_letters = DeadLetters(settings, end_abandoned)
+    dead_letters.start()
+    stack.push_async_callback(dead_letters.stop)
 
 
 def main() -> None:

@@ -1,4 +1,8 @@
-"""S3 object storage for images, over aiobotocore."""
+"""S3 object storage for images, over aiobotocore.
+
+Every call is bounded by `timeout_seconds` (retries included), so a slow S3 shows up as
+DependencyUnavailable within a known time, which the pipelines' leases are sized for.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import aiohttp
 import botocore.exceptions
 from aiobotocore.config import AioConfig
 
-from services.image.domain import Unavailable
+from services.image.errors import DependencyUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +31,18 @@ _S3_FAILURES = (
 )
 
 
-def s3_client_config(*, custom_endpoint: bool) -> AioConfig:
-    """Short timeouts and few retries: the portrait consumer retries through redelivery."""
+_PRECONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412"})
+DEFAULT_TIMEOUT_SECONDS = 20.0
+
+
+def s3_client_config(*, custom_endpoint: bool, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> AioConfig:
+    """Short timeouts and few retries: the pipelines retry through redelivery."""
     # botocore's defaults (60 s connect timeout, legacy retries) would hold a message for
     # minutes while S3 is down, longer than the consumer's ack wait.
     return AioConfig(
         signature_version="s3v4",
-        connect_timeout=5,
-        read_timeout=30,
+        connect_timeout=min(5, timeout_seconds),
+        read_timeout=timeout_seconds,
         retries={"max_attempts": 2, "mode": "standard"},
         # MinIO, moto and rclone on host:port need bucket-in-path URLs; AWS prefers its default.
         s3={"addressing_style": "path" if custom_endpoint else "auto"},
@@ -44,8 +52,17 @@ def s3_client_config(*, custom_endpoint: bool) -> AioConfig:
 class ObjectStore:
     """One bucket. `presign_client` signs URLs for the endpoint clients reach, if different."""
 
-    def __init__(self, client: Any, bucket: str, *, region: str, presign_client: Any = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        *,
+        region: str,
+        presign_client: Any = None,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
         self._client = client
+        self.timeout_seconds = timeout_seconds
         self._presign_client = presign_client or client
         self.bucket = bucket
         self._region = region
@@ -60,41 +77,56 @@ class ObjectStore:
             if self._bucket_ready:
                 return
             try:
-                await self._create_bucket_if_missing()
+                async with asyncio.timeout(self.timeout_seconds):
+                    await self._create_bucket_if_missing()
             except _S3_FAILURES as error:
                 log.warning(
                     "s3.bucket_check_failed",
                     extra={"bucket": self.bucket, "error": _describe(error)},
                 )
-                raise Unavailable(f"object storage: {_describe(error)}") from error
+                raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
             self._bucket_ready = True
 
     async def try_ensure_bucket(self) -> bool:
         """At start-up: an S3 outage must not stop the service; put() checks again later."""
         try:
             await self.ensure_bucket()
-        except Unavailable:
+        except DependencyUnavailable:
             return False
         return True
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
+    async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
+        """Stores the object unless the key exists; False when it was there already.
+
+        Keys are never overwritten: the check comes first, and the PUT itself carries
+        If-None-Match: * for servers that honour it (AWS, MinIO).
+        """
         await self.ensure_bucket()
+        if await self.exists(key):
+            return False
         try:
-            await self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
-            )
+            async with asyncio.timeout(self.timeout_seconds):
+                await self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*"
+                )
+        except botocore.exceptions.ClientError as error:
+            if _error_code(error) in _PRECONDITION_FAILED_CODES:
+                return False
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
         except _S3_FAILURES as error:
-            raise Unavailable(f"object storage: {_describe(error)}") from error
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
+        return True
 
     async def exists(self, key: str) -> bool:
         try:
-            await self._client.head_object(Bucket=self.bucket, Key=key)
+            async with asyncio.timeout(self.timeout_seconds):
+                await self._client.head_object(Bucket=self.bucket, Key=key)
         except botocore.exceptions.ClientError as error:
             if _error_code(error) in _MISSING_CODES:
                 return False
-            raise Unavailable(f"object storage: {_describe(error)}") from error
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
         except _S3_FAILURES as error:
-            raise Unavailable(f"object storage: {_describe(error)}") from error
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
         return True
 
     async def presigned_get_url(self, key: str, expires_in: int) -> str:

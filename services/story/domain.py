@@ -1,165 +1,197 @@
 """Stories: what a valid case file is, and the use cases that write and change them.
 
-No gRPC, no SQL text, no HTTP here: storage functions and the writer come in as arguments.
+No gRPC, no SQL text, no HTTP here: storage functions, the writer and the change feed come
+in as arguments.
 """
 
 from __future__ import annotations
 
-import asyncio
+import base64
+import binascii
+import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from enum import StrEnum
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import asyncpg
 
 from services.story import storage
+from services.story.change_feed import WatcherLimitReached
+from services.story.model import (
+    FINAL_PORTRAIT_STATUSES,
+    Chapter,
+    PageCursor,
+    Patient,
+    PortraitStatus,
+    Story,
+    StoryContent,
+    StoryPage,
+)
 from services.story.writers.base import StoryWriter, WriterError
+from shared.validation import id_problem, optional_id_problem, text_problem
+
+__all__ = [
+    "Chapter",
+    "Patient",
+    "PortraitStatus",
+    "Story",
+    "StoryContent",
+    "StoryPage",
+]
 
 log = logging.getLogger(__name__)
 
-MAX_ID_LENGTH = 128
 MAX_THEME_LENGTH = 500
 MAX_STORAGE_ID_LENGTH = 1024
 MAX_REASON_LENGTH = 1000
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+MAX_ATTEMPT = 2**31 - 1
+# Only chapter text is typed over several lines; everywhere else a control character is a
+# bug or an attack on whoever displays the case file.
+CHAPTER_TEXT_CONTROLS = "\n\t"
+# Page tokens never name a time outside this range; anything else is forged.
+_EARLIEST_CURSOR = datetime(2000, 1, 1, tzinfo=UTC)
+_LATEST_CURSOR = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+# --- errors: named after what happened; handlers.ERRORS picks the status code ----------
 
 
 class DomainError(Exception):
-    """A request the story service refuses; the handlers map each subclass to a status code."""
+    """A request the story service refuses or cannot serve now."""
 
 
-class InvalidArgument(DomainError):
+class InvalidField(DomainError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.problem = problem
 
 
-class NotFound(DomainError):
-    pass
+class StoryNotFound(DomainError):
+    def __init__(self, story_id: str) -> None:
+        super().__init__(f"story_id: no story {story_id}")
+        self.metadata = {"story_id": story_id}
 
 
-class FailedPrecondition(DomainError):
-    pass
+class StaleAttempt(DomainError):
+    """The caller speaks of a portrait attempt that is no longer the story's current one."""
+
+    def __init__(self, story_id: str, attempt: int, current: int) -> None:
+        super().__init__(f"attempt: {attempt} is not the current portrait attempt ({current}) of story {story_id}")
+        self.metadata = {"story_id": story_id, "attempt": str(attempt), "current_attempt": str(current)}
+
+
+class PortraitAlreadyFinal(DomainError):
+    """This attempt already ended in another way; it cannot end a second time."""
+
+    def __init__(self, story: Story) -> None:
+        super().__init__(f"attempt: portrait attempt {story.portrait_attempt} already ended {story.portrait_status}")
+        self.metadata = {"story_id": story.story_id, "portrait_status": story.portrait_status.value}
+
+
+class PortraitAlreadyReady(DomainError):
+    def __init__(self, story_id: str) -> None:
+        super().__init__("story_id: the portrait is already READY")
+        self.metadata = {"story_id": story_id}
+
+
+class PortraitInProgress(DomainError):
+    """RetryPortrait while the current attempt is still being painted."""
+
+    def __init__(self, story: Story) -> None:
+        super().__init__(f"story_id: portrait attempt {story.portrait_attempt} is still being painted")
+        self.metadata = {"story_id": story.story_id, "attempt": str(story.portrait_attempt)}
 
 
 class WriterUnavailable(DomainError):
     """The writer model failed or wrote something unusable; nothing was stored."""
 
 
-class PortraitStatus(StrEnum):
-    PENDING = "PENDING"
-    READY = "READY"
-    FAILED = "FAILED"
-    SKIPPED = "SKIPPED"
+class StoreUnavailable(DomainError):
+    """The story database cannot be reached; nothing was changed."""
 
 
-FINAL_PORTRAIT_STATUSES = frozenset({PortraitStatus.READY, PortraitStatus.FAILED, PortraitStatus.SKIPPED})
-
-
-@dataclass(frozen=True)
-class Patient:
-    name: str
-    age: int
-    diagnosis: str
-    appearance: str
-
-
-@dataclass(frozen=True)
-class Chapter:
-    title: str
-    text: str
-
-
-@dataclass(frozen=True)
-class StoryContent:
-    title: str
-    patient: Patient | None
-    chapters: tuple[Chapter, ...]
-    image_generation_prompt: str
-
-
-@dataclass(frozen=True)
-class Story:
-    story_id: str
-    user_id: str
-    content: StoryContent
-    storage_id: str
-    portrait_status: PortraitStatus
-    portrait_error: str
-    portrait_attempt: int
-    create_time: datetime
-    update_time: datetime
-
-
-@dataclass(frozen=True)
-class StoryPage:
-    stories: list[Story]
-    next_page_token: str
+class TooManyWatchers(DomainError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this server already streams {limit} stories; try again shortly")
+        self.retry_after_seconds = 1.0
 
 
 # --- validation -------------------------------------------------------------------------
 
 
-def _require_text(field: str, value: str, max_length: int) -> str:
-    if not value or not value.strip():
-        raise InvalidArgument(field, "must not be empty")
-    if len(value) > max_length:
-        raise InvalidArgument(field, f"must be at most {max_length} characters")
+def _check(field: str, problem: str | None) -> None:
+    if problem is not None:
+        raise InvalidField(field, problem)
+
+
+def _require_text(field: str, value: str, max_length: int, *, allowed_controls: str = "") -> str:
+    _check(field, text_problem(value, max_chars=max_length, allowed_controls=allowed_controls))
     return value.strip()
 
 
 def validate_user_id(user_id: str) -> str:
-    return _require_text("user_id", user_id, MAX_ID_LENGTH)
+    _check("user_id", id_problem(user_id))
+    return user_id
 
 
 def validate_request_id(request_id: str) -> str | None:
     """An empty request_id means the caller wants no idempotency."""
-    if len(request_id) > MAX_ID_LENGTH:
-        raise InvalidArgument("request_id", f"must be at most {MAX_ID_LENGTH} characters")
-    return request_id.strip() or None
+    _check("request_id", optional_id_problem(request_id))
+    return request_id or None
 
 
-def validate_story_id(story_id: str) -> str:
+def validate_story_id(story_id: str, field: str = "story_id") -> str:
     if not story_id:
-        raise InvalidArgument("story_id", "must not be empty")
+        raise InvalidField(field, "must not be empty")
+    if len(story_id) > 64:
+        raise InvalidField(field, "must be a UUID")
     try:
         return str(uuid.UUID(story_id))
     except ValueError:
-        raise InvalidArgument("story_id", "must be a UUID") from None
+        raise InvalidField(field, "must be a UUID") from None
+
+
+def validate_attempt(attempt: int) -> int:
+    if not 1 <= attempt <= MAX_ATTEMPT:
+        raise InvalidField("attempt", "must be the story's portrait_attempt (1 or more)")
+    return attempt
 
 
 def validate_content(content: StoryContent, prefix: str = "content") -> StoryContent:
     """Checks every field of a case file; the error names the first bad one."""
     title = _require_text(f"{prefix}.title", content.title, 200)
     if content.patient is None:
-        raise InvalidArgument(f"{prefix}.patient", "is required")
+        raise InvalidField(f"{prefix}.patient", "is required")
     patient = _validate_patient(content.patient, f"{prefix}.patient")
     if not content.chapters:
-        raise InvalidArgument(f"{prefix}.chapters", "must have at least one chapter")
+        raise InvalidField(f"{prefix}.chapters", "must have at least one chapter")
     if len(content.chapters) > 20:
-        raise InvalidArgument(f"{prefix}.chapters", "must have at most 20 chapters")
+        raise InvalidField(f"{prefix}.chapters", "must have at most 20 chapters")
     chapters = tuple(
         Chapter(
             title=_require_text(f"{prefix}.chapters[{i}].title", chapter.title, 200),
-            text=_require_text(f"{prefix}.chapters[{i}].text", chapter.text, 20_000),
+            text=_require_text(
+                f"{prefix}.chapters[{i}].text", chapter.text, 20_000, allowed_controls=CHAPTER_TEXT_CONTROLS
+            ),
         )
         for i, chapter in enumerate(content.chapters)
     )
     prompt = content.image_generation_prompt
-    if len(prompt) > 4000:
-        raise InvalidArgument(f"{prefix}.image_generation_prompt", "must be at most 4000 characters")
     # A blank prompt is allowed: the image service marks such a portrait SKIPPED.
+    _check(f"{prefix}.image_generation_prompt", text_problem(prompt, max_chars=4000, required=False))
     return StoryContent(title=title, patient=patient, chapters=chapters, image_generation_prompt=prompt.strip())
 
 
 def _validate_patient(patient: Patient, prefix: str) -> Patient:
     if not 0 <= patient.age <= 130:
-        raise InvalidArgument(f"{prefix}.age", "must be between 0 and 130")
+        raise InvalidField(f"{prefix}.age", "must be between 0 and 130")
     return Patient(
         name=_require_text(f"{prefix}.name", patient.name, 200),
         age=patient.age,
@@ -168,31 +200,82 @@ def _validate_patient(patient: Patient, prefix: str) -> Patient:
     )
 
 
+def _one_line(value: Any) -> str:
+    # The writer is our own model, not a caller: its stray newlines are tidied, not refused.
+    return " ".join(str(value).split())
+
+
 def content_from_writer(draft: Mapping[str, Any]) -> StoryContent:
     """Reads the writer's JSON object; a shape error is the writer's fault, not the caller's."""
     try:
         patient = draft["patient"]
         content = StoryContent(
-            title=str(draft["title"]),
+            title=_one_line(draft["title"]),
             patient=Patient(
-                name=str(patient["name"]),
+                name=_one_line(patient["name"]),
                 age=int(patient["age"]),
-                diagnosis=str(patient["diagnosis"]),
-                appearance=str(patient["appearance"]),
+                diagnosis=_one_line(patient["diagnosis"]),
+                appearance=_one_line(patient["appearance"]),
             ),
-            chapters=tuple(Chapter(title=str(c["title"]), text=str(c["text"])) for c in draft["chapters"]),
-            image_generation_prompt=str(draft.get("image_generation_prompt") or ""),
+            chapters=tuple(Chapter(title=_one_line(c["title"]), text=str(c["text"])) for c in draft["chapters"]),
+            image_generation_prompt=_one_line(draft.get("image_generation_prompt") or ""),
         )
         return validate_content(content, prefix="story")
-    except (KeyError, TypeError, ValueError, InvalidArgument) as error:
+    except (KeyError, TypeError, ValueError, InvalidField) as error:
         raise WriterUnavailable(f"the writer returned an unusable story: {error}") from None
+
+
+# --- page tokens ------------------------------------------------------------------------
+
+
+def encode_page_token(last: Story) -> str:
+    raw = json.dumps([last.create_time.isoformat(), last.story_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def decode_page_token(token: str) -> PageCursor:
+    """Every part of a token is checked: a forged one is INVALID_ARGUMENT, never a crash."""
+    invalid = InvalidField("page_token", "is not a token this method returned")
+    if len(token) > 512:
+        raise invalid
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+    except (ValueError, UnicodeError, binascii.Error):
+        raise invalid from None
+    if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(part, str) for part in parts)):
+        raise invalid
+    try:
+        create_time = datetime.fromisoformat(parts[0])
+        story_id = str(uuid.UUID(parts[1]))
+        in_range = create_time.tzinfo is not None and _EARLIEST_CURSOR <= create_time <= _LATEST_CURSOR
+    except (ValueError, OverflowError, TypeError):
+        raise invalid from None
+    if not in_range:
+        raise invalid
+    return PageCursor(create_time, story_id)
 
 
 # --- use cases --------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection; the database being away becomes StoreUnavailable."""
+    try:
+        async with pool.acquire(timeout=storage.STATEMENT_TIMEOUT_SECONDS) as conn:
+            yield conn
+    except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+            asyncpg.ConnectionDoesNotExistError, asyncpg.exceptions.QueryCanceledError) as error:
+        raise StoreUnavailable(f"the story database is unavailable: {type(error).__name__}") from None
+
+
 async def create_story(
-    pool: asyncpg.Pool, *, user_id: str, content: StoryContent, request_id: str, on_committed: Callable[[], None] | None = None
+    pool: asyncpg.Pool,
+    *,
+    user_id: str,
+    content: StoryContent,
+    request_id: str,
+    on_committed: Callable[[], None] | None = None,
 ) -> Story:
     """Stores a caller-written story and its `story.created` outbox row in one transaction."""
     user_id = validate_user_id(user_id)
@@ -213,10 +296,9 @@ async def generate_story(
     """Asks the writer for a story, then stores it like create_story."""
     user_id = validate_user_id(user_id)
     request_key = validate_request_id(request_id)
-    if len(theme) > MAX_THEME_LENGTH:
-        raise InvalidArgument("theme", f"must be at most {MAX_THEME_LENGTH} characters")
+    _check("theme", text_problem(theme, max_chars=MAX_THEME_LENGTH, required=False))
     if request_key is not None:
-        async with pool.acquire() as conn:
+        async with _connection(pool) as conn:
             existing = await storage.find_by_request(conn, user_id, request_key)
         if existing is not None:
             return existing
@@ -243,15 +325,14 @@ async def _store_new_story(
     on_committed: Callable[[], None] | None = None,
 ) -> Story:
     story_id = story_id or str(uuid.uuid4())
-    async with pool.acquire() as conn:
-        async with conn.transaction():
-            story = await storage.insert_story(conn, story_id, user_id, request_key, content)
-            if story is None:
-                # The same request_id already made a story: answer with it, write nothing.
-                existing = await storage.find_by_request(conn, user_id, request_key)
-                assert existing is not None, "insert conflicted, so the row exists"
-                return existing
-            await storage.insert_outbox_event(conn, story.story_id, story.portrait_attempt)
+    async with _connection(pool) as conn, conn.transaction():
+        story = await storage.insert_story(conn, story_id, user_id, request_key, content)
+        if story is None:
+            # The same request_id already made a story: answer with it, write nothing.
+            existing = await storage.find_by_request(conn, user_id, request_key)
+            assert existing is not None, "insert conflicted, so the row exists"
+            return existing
+        await storage.insert_outbox_event(conn, story)
     log.info("story.created", extra={"story_id": story.story_id, "user_id": user_id})
     if on_committed is not None:
         on_committed()
@@ -260,92 +341,143 @@ async def _store_new_story(
 
 async def get_story(pool: asyncpg.Pool, story_id: str) -> Story:
     story_id = validate_story_id(story_id)
-    async with pool.acquire() as conn:
+    async with _connection(pool) as conn:
         story = await storage.get_story(conn, story_id)
     if story is None:
-        raise NotFound(f"story_id: no story {story_id}")
+        raise StoryNotFound(story_id)
     return story
 
 
 async def list_stories(pool: asyncpg.Pool, *, user_id: str, page_size: int, page_token: str) -> StoryPage:
     user_id = validate_user_id(user_id)
     if page_size < 0:
-        raise InvalidArgument("page_size", "must not be negative")
+        raise InvalidField("page_size", "must not be negative")
     limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    after = storage.decode_page_token(page_token) if page_token else None
-    if page_token and after is None:
-        raise InvalidArgument("page_token", "is not a token this method returned")
-    async with pool.acquire() as conn:
+    after = decode_page_token(page_token) if page_token else None
+    async with _connection(pool) as conn:
         stories = await storage.list_stories(conn, user_id, limit + 1, after)
-    next_token = storage.encode_page_token(stories[limit - 1]) if len(stories) > limit else ""
+    next_token = encode_page_token(stories[limit - 1]) if len(stories) > limit else ""
     return StoryPage(stories=stories[:limit], next_page_token=next_token)
 
 
-async def set_story_image(pool: asyncpg.Pool, *, story_id: str, storage_id: str) -> Story:
-    """Attaches the portrait; setting the same storage_id again changes nothing."""
+async def set_story_image(pool: asyncpg.Pool, *, story_id: str, storage_id: str, attempt: int) -> Story:
+    """Attaches the portrait of `attempt`; the same storage_id again changes nothing."""
     story_id = validate_story_id(story_id)
-    storage_id = _require_text("storage_id", storage_id, MAX_STORAGE_ID_LENGTH)
-    async with pool.acquire() as conn:
-        story = await storage.attach_portrait(conn, story_id, storage_id)
-        if story is None:
-            story = await storage.get_story(conn, story_id)
-            if story is None:
-                raise NotFound(f"story_id: no story {story_id}")
+    _check("storage_id", id_problem(storage_id, max_chars=MAX_STORAGE_ID_LENGTH))
+    attempt = validate_attempt(attempt)
+    async with _connection(pool) as conn, conn.transaction():
+        story = await _current_attempt(conn, story_id, attempt)
+        if story.portrait_status is PortraitStatus.READY and story.storage_id == storage_id:
             return story
-    log.info("story.portrait_ready", extra={"story_id": story_id, "storage_id": storage_id})
+        if story.portrait_status in FINAL_PORTRAIT_STATUSES:
+            raise PortraitAlreadyFinal(story)
+        story = await storage.attach_portrait(conn, story_id, storage_id)
+    log.info("story.portrait_ready", extra={"story_id": story_id, "storage_id": storage_id, "attempt": attempt})
     return story
 
 
-async def set_portrait_status(pool: asyncpg.Pool, *, story_id: str, status: PortraitStatus | None, reason: str) -> Story:
-    """Records FAILED or SKIPPED; a READY portrait is never taken back."""
+async def set_portrait_status(
+    pool: asyncpg.Pool, *, story_id: str, status: PortraitStatus | None, reason: str, attempt: int
+) -> Story:
+    """Records FAILED or SKIPPED for `attempt`; a READY portrait is never taken back."""
     story_id = validate_story_id(story_id)
     if status not in (PortraitStatus.FAILED, PortraitStatus.SKIPPED):
-        raise InvalidArgument("status", "must be PORTRAIT_STATUS_FAILED or PORTRAIT_STATUS_SKIPPED")
+        raise InvalidField("status", "must be PORTRAIT_STATUS_FAILED or PORTRAIT_STATUS_SKIPPED")
     reason = _require_text("reason", reason, MAX_REASON_LENGTH)
-    async with pool.acquire() as conn:
-        story = await storage.end_portrait(conn, story_id, status.value, reason)
-        if story is None:
-            story = await storage.get_story(conn, story_id)
-            if story is None:
-                raise NotFound(f"story_id: no story {story_id}")
+    attempt = validate_attempt(attempt)
+    async with _connection(pool) as conn, conn.transaction():
+        story = await _current_attempt(conn, story_id, attempt)
+        unchanged = story.portrait_status is status and story.portrait_error == reason
+        if story.portrait_status is PortraitStatus.READY or unchanged:
             return story
-    log.info("story.portrait_ended", extra={"story_id": story_id, "status": status.value, "reason": reason})
+        story = await storage.end_portrait(conn, story_id, status.value, reason)
+    log.info(
+        "story.portrait_ended",
+        extra={"story_id": story_id, "status": status.value, "reason": reason, "attempt": attempt},
+    )
+    return story
+
+
+async def _current_attempt(conn: asyncpg.Connection, story_id: str, attempt: int) -> Story:
+    """The story, locked, if `attempt` is its current portrait attempt."""
+    story = await storage.get_story(conn, story_id, for_update=True)
+    if story is None:
+        raise StoryNotFound(story_id)
+    if story.portrait_attempt != attempt:
+        raise StaleAttempt(story_id, attempt, story.portrait_attempt)
     return story
 
 
 async def retry_portrait(pool: asyncpg.Pool, *, story_id: str, on_committed: Callable[[], None] | None = None) -> Story:
-    """Sets the portrait PENDING again and queues a new `story.created` for it."""
+    """Starts a new portrait attempt (PENDING again) and queues its `story.created`."""
     story_id = validate_story_id(story_id)
-    async with pool.acquire() as conn:
-        async with conn.transaction():
-            story = await storage.get_story(conn, story_id, for_update=True)
-            if story is None:
-                raise NotFound(f"story_id: no story {story_id}")
-            if story.portrait_status is PortraitStatus.READY:
-                raise FailedPrecondition("story_id: the portrait is already READY")
-            story = await storage.restart_portrait(conn, story_id)
-            await storage.insert_outbox_event(conn, story_id, story.portrait_attempt)
+    async with _connection(pool) as conn, conn.transaction():
+        story = await storage.get_story(conn, story_id, for_update=True)
+        if story is None:
+            raise StoryNotFound(story_id)
+        if story.portrait_status is PortraitStatus.READY:
+            raise PortraitAlreadyReady(story_id)
+        if story.portrait_status is PortraitStatus.PENDING:
+            # The image service ends every attempt (READY, FAILED or SKIPPED), so a retry
+            # waits for that instead of racing a painter of the same story.
+            raise PortraitInProgress(story)
+        story = await storage.restart_portrait(conn, story_id)
+        await storage.insert_outbox_event(conn, story)
     log.info("story.portrait_retried", extra={"story_id": story_id, "attempt": story.portrait_attempt})
     if on_committed is not None:
         on_committed()
     return story
 
 
-async def watch_story(pool: asyncpg.Pool, *, story_id: str, poll_interval: float = 0.2) -> AsyncIterator[Story]:
-    """Yields the story now, then each change, until its portrait is final.
+# --- watching ---------------------------------------------------------------------------
 
-    Polling one indexed row keeps this correct across several story processes (the change
-    may be made by another one); a watcher costs one cheap query per interval.
-    """
-    story = await get_story(pool, story_id)
+
+class StoryChanges(Protocol):
+    """Tells a watcher that a story changed (services/story/change_feed.py)."""
+
+    def watch(self, story_id: str) -> contextlib.AbstractAsyncContextManager[Any]: ...
+
+
+@dataclass(frozen=True)
+class WatchLimits:
+    max_seconds: float = 900.0
+
+
+async def watch_story(
+    pool: asyncpg.Pool,
+    changes: StoryChanges,
+    *,
+    story_id: str,
+    limits: WatchLimits = WatchLimits(),
+) -> AsyncIterator[Story]:
+    """Yields the story now, then each change, until its portrait is final or the stream
+    has lasted `limits.max_seconds` (it then ends with the current state)."""
+    story_id = validate_story_id(story_id)
+    try:
+        watching = changes.watch(story_id)
+        subscription = await watching.__aenter__()
+    except WatcherLimitReached as error:
+        raise TooManyWatchers(error.limit) from None
+    try:
+        async for story in _changes_until_final(pool, subscription, story_id, limits):
+            yield story
+    finally:
+        await watching.__aexit__(None, None, None)
+
+
+async def _changes_until_final(
+    pool: asyncpg.Pool, subscription: Any, story_id: str, limits: WatchLimits
+) -> AsyncIterator[Story]:
+    # Subscribed before the first read, so no change can slip between the two; watchers of
+    # one story share each read (subscription.current).
+    story = await subscription.current(lambda: get_story(pool, story_id))
     yield story
+    deadline = subscription.now() + limits.max_seconds
     while story.portrait_status not in FINAL_PORTRAIT_STATUSES:
-        await asyncio.sleep(poll_interval)
-        async with pool.acquire() as conn:
-            update_time = await storage.story_update_time(conn, story.story_id)
-            if update_time is None or update_time == story.update_time:
-                continue
-            story = await storage.get_story(conn, story.story_id)
-        if story is None:
-            return
-        yield story
+        changed = await subscription.wait(deadline - subscription.now())
+        latest = await subscription.current(lambda: get_story(pool, story_id))
+        if latest.update_time != story.update_time:
+            story = latest
+            yield story
+        if not changed:
+            return  # the stream lasted its maximum; the client watches again

@@ -15,7 +15,8 @@ from casefile.story.v1 import story_service_pb2 as pb
 from casefile.story.v1 import story_service_pb2_grpc
 from services.story import domain
 from services.story.writers.base import StoryWriter
-from shared.auth import allow
+from shared.auth import allow, current_caller
+from shared.grpc_errors import ErrorTable
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,21 @@ ALLOWED_CALLERS = allow(
     },
 )
 
-STATUS_FOR_ERROR: dict[type[domain.DomainError], grpc.StatusCode] = {
-    domain.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    domain.NotFound: grpc.StatusCode.NOT_FOUND,
-    domain.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    domain.WriterUnavailable: grpc.StatusCode.UNAVAILABLE,
-}
+# The one place where domain errors become status codes and stable ErrorInfo reasons.
+ERRORS = ErrorTable(
+    "story.casefile",
+    {
+        domain.InvalidField: (grpc.StatusCode.INVALID_ARGUMENT, None),
+        domain.StoryNotFound: (grpc.StatusCode.NOT_FOUND, "STORY_NOT_FOUND"),
+        domain.StaleAttempt: (grpc.StatusCode.FAILED_PRECONDITION, "STALE_ATTEMPT"),
+        domain.PortraitAlreadyFinal: (grpc.StatusCode.FAILED_PRECONDITION, "PORTRAIT_ALREADY_FINAL"),
+        domain.PortraitAlreadyReady: (grpc.StatusCode.FAILED_PRECONDITION, "PORTRAIT_ALREADY_READY"),
+        domain.PortraitInProgress: (grpc.StatusCode.FAILED_PRECONDITION, "PORTRAIT_IN_PROGRESS"),
+        domain.TooManyWatchers: (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS"),
+        domain.WriterUnavailable: (grpc.StatusCode.UNAVAILABLE, "WRITER_UNAVAILABLE"),
+        domain.StoreUnavailable: (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
+    },
+)
 
 PORTRAIT_STATUS_TO_PROTO = {
     domain.PortraitStatus.PENDING: pb.PORTRAIT_STATUS_PENDING,
@@ -59,9 +69,7 @@ def _abort_on_domain_error(method: Handler) -> Handler:
         try:
             return await method(self, request, context)
         except domain.DomainError as error:
-            await context.abort(_code_for(error), str(error))
-        except (OSError, asyncpg.InterfaceError, asyncpg.exceptions.CannotConnectNowError) as error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the story database is unavailable: {error}")
+            await _refuse(context, method.__name__, error)
         except asyncpg.PostgresError as error:
             # Validation happens before SQL, so this is our fault, never the caller's; the
             # transaction rolled back, so nothing was half-written.
@@ -71,12 +79,9 @@ def _abort_on_domain_error(method: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
-def _code_for(error: domain.DomainError) -> grpc.StatusCode:
-    for error_class in type(error).__mro__:
-        if error_class in STATUS_FOR_ERROR:
-            return STATUS_FOR_ERROR[error_class]
-    # A DomainError without an entry is our bug, never the caller's mistake.
-    return grpc.StatusCode.INTERNAL
+async def _refuse(context: grpc.aio.ServicerContext, method: str, error: domain.DomainError) -> None:
+    log.info("rpc.refused", extra={"method": method, "caller": current_caller(), "error": str(error)})
+    await ERRORS.abort(context, error)
 
 
 def _timestamp(value: Any) -> Timestamp:
@@ -101,6 +106,7 @@ def story_to_proto(story: domain.Story) -> pb.Story:
         portrait_error=story.portrait_error,
         create_time=_timestamp(story.create_time),
         update_time=_timestamp(story.update_time),
+        portrait_attempt=story.portrait_attempt,
     )
 
 
@@ -126,12 +132,14 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
         writer: StoryWriter,
         *,
         on_event_queued: Callable[[], None],
-        watch_poll_interval: float = 0.2,
+        changes: domain.StoryChanges,
+        watch_limits: domain.WatchLimits | None = None,
     ) -> None:
         self._pool = pool
         self._writer = writer
         self._on_event_queued = on_event_queued
-        self._watch_poll_interval = watch_poll_interval
+        self._changes = changes
+        self._watch_limits = watch_limits or domain.WatchLimits()
 
     @_abort_on_domain_error
     async def GenerateStory(self, request: pb.GenerateStoryRequest, context: grpc.aio.ServicerContext) -> pb.GenerateStoryResponse:
@@ -148,7 +156,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
     @_abort_on_domain_error
     async def CreateStory(self, request: pb.CreateStoryRequest, context: grpc.aio.ServicerContext) -> pb.CreateStoryResponse:
         if not request.HasField("content"):
-            raise domain.InvalidArgument("content", "is required")
+            raise domain.InvalidField("content", "is required")
         story = await domain.create_story(
             self._pool,
             user_id=request.user_id,
@@ -177,15 +185,20 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
     ) -> AsyncIterator[pb.WatchStoryResponse]:
         try:
             async for story in domain.watch_story(
-                self._pool, story_id=request.story_id, poll_interval=self._watch_poll_interval
+                self._pool, self._changes, story_id=request.story_id, limits=self._watch_limits
             ):
                 yield pb.WatchStoryResponse(story=story_to_proto(story))
         except domain.DomainError as error:
-            await context.abort(_code_for(error), str(error))
+            await _refuse(context, "WatchStory", error)
+        except asyncpg.PostgresError as error:
+            log.error("story.database_error", extra={"method": "WatchStory", "error": repr(error)})
+            await ERRORS.abort(context, domain.StoreUnavailable("the story database failed; watch again"))
 
     @_abort_on_domain_error
     async def SetStoryImage(self, request: pb.SetStoryImageRequest, context: grpc.aio.ServicerContext) -> pb.SetStoryImageResponse:
-        story = await domain.set_story_image(self._pool, story_id=request.story_id, storage_id=request.storage_id)
+        story = await domain.set_story_image(
+            self._pool, story_id=request.story_id, storage_id=request.storage_id, attempt=request.attempt
+        )
         return pb.SetStoryImageResponse(story=story_to_proto(story))
 
     @_abort_on_domain_error
@@ -197,6 +210,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
             story_id=request.story_id,
             status=PORTRAIT_STATUS_FROM_PROTO.get(request.status),
             reason=request.reason,
+            attempt=request.attempt,
         )
         return pb.SetPortraitStatusResponse(story=story_to_proto(story))
 

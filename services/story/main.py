@@ -11,14 +11,17 @@ from pathlib import Path
 import httpx
 
 from casefile.story.v1 import story_service_pb2_grpc
+from services.story.change_feed import StoryChangeFeed
 from services.story.config import Config
+from services.story.domain import WatchLimits
 from services.story.handlers import ALLOWED_CALLERS, SERVICE_NAME, StoryServicer
-from services.story.messaging import OutboxRelay
+from services.story.messaging import fill_missing_payloads, story_outbox_relay
 from services.story.writers import build_writer
 from shared.auth import AuthInterceptor
 from shared.db import close_pool, create_pool
 from shared.grpc_server import RunningServer, ServiceSpec, serve_main, start_grpc_server
 from shared.migrations import apply_migrations
+from shared.outbox import RelaySettings
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +39,37 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     async with pool.acquire() as conn:
         await apply_migrations(conn, "story", MIGRATIONS)
 
-    relay = OutboxRelay(pool, config.nats_url, poll_interval=config.outbox_poll_interval_seconds)
+    await fill_missing_payloads(pool)
+    relay = story_outbox_relay(
+        pool,
+        config.database_url,
+        config.nats,
+        settings=RelaySettings(
+            batch_size=config.outbox_batch_size,
+            claim_seconds=config.outbox_claim_seconds,
+            poll_interval_seconds=config.outbox_poll_interval_seconds,
+            retention_seconds=config.outbox_retention_seconds,
+        ),
+        stream_replicas=config.nats_stream_replicas,
+    )
     stack.push_async_callback(relay.close)  # runs after the relay task is cancelled
     await _start_background(stack, relay.run, "outbox-relay")
 
+    changes = StoryChangeFeed(
+        config.database_url, max_watchers=config.max_watchers, application_name="casefile-story-watch"
+    )
+    changes.start()
+    stack.push_async_callback(changes.stop)
+
     http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
     writer = build_writer(config.writer, **_writer_settings(config), client=http)
-    servicer = StoryServicer(pool, writer, on_event_queued=relay.kick)
+    servicer = StoryServicer(
+        pool,
+        writer,
+        on_event_queued=relay.kick,
+        changes=changes,
+        watch_limits=WatchLimits(max_seconds=config.watch_max_seconds),
+    )
     server = await start_grpc_server(
         listen_addr=config.listen_addr,
         services=[
@@ -50,6 +77,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         ],
         interceptors=[AuthInterceptor(config.auth_tokens.reveal(), ALLOWED_CALLERS)],
     )
+    server.on_stop.append(changes.end_watches)
     # Registered last so it runs first: stop taking calls before the pool goes away.
     stack.push_async_callback(server.stop)
     return server

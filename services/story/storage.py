@@ -1,38 +1,45 @@
 """Plain SQL for stories and their outbox; every function takes a connection.
 
-The caller owns the transaction. `domain` is imported as a module (not its names) because
-domain also calls into this module.
+The caller owns the transaction. Rows come back as the plain data of services.story.model.
 """
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import json
-from datetime import datetime
 
 import asyncpg
 
-from services.story import domain
+from services.story import model
+from services.story.events import encode_story_created, story_created_msg_id
+from shared.streams import STORY_CREATED_SUBJECT
+
+# Every statement is bounded: a slow database shows as UNAVAILABLE, not as a hung call.
+STATEMENT_TIMEOUT_SECONDS = 10.0
 
 _STORY_COLUMNS = """
     story_id::text AS story_id, user_id, title, patient, chapters, image_generation_prompt,
     storage_id, portrait_status, portrait_error, portrait_attempt, create_time, update_time
 """
+_STORY_COLUMNS_OF_S = """
+    s.story_id::text AS story_id, s.user_id, s.title, s.patient, s.chapters, s.image_generation_prompt,
+    s.storage_id, s.portrait_status, s.portrait_error, s.portrait_attempt, s.create_time, s.update_time
+"""
 
 
-def _story_from_row(row: asyncpg.Record) -> domain.Story:
+def _story_from_row(row: asyncpg.Record) -> model.Story:
     patient = json.loads(row["patient"])
-    return domain.Story(
+    return model.Story(
         story_id=row["story_id"],
         user_id=row["user_id"],
-        content=domain.StoryContent(
+        content=model.StoryContent(
             title=row["title"],
-            patient=domain.Patient(**patient),
-            chapters=tuple(domain.Chapter(**chapter) for chapter in json.loads(row["chapters"])),
+            patient=model.Patient(**patient),
+            chapters=tuple(model.Chapter(**chapter) for chapter in json.loads(row["chapters"])),
             image_generation_prompt=row["image_generation_prompt"],
         ),
         storage_id=row["storage_id"] or "",
-        portrait_status=domain.PortraitStatus(row["portrait_status"]),
+        portrait_status=model.PortraitStatus(row["portrait_status"]),
         portrait_error=row["portrait_error"],
         portrait_attempt=row["portrait_attempt"],
         create_time=row["create_time"],
@@ -40,13 +47,13 @@ def _story_from_row(row: asyncpg.Record) -> domain.Story:
     )
 
 
-def _maybe_story(row: asyncpg.Record | None) -> domain.Story | None:
+def _maybe_story(row: asyncpg.Record | None) -> model.Story | None:
     return _story_from_row(row) if row is not None else None
 
 
 async def insert_story(
-    conn: asyncpg.Connection, story_id: str, user_id: str, request_id: str | None, content: domain.StoryContent
-) -> domain.Story | None:
+    conn: asyncpg.Connection, story_id: str, user_id: str, request_id: str | None, content: model.StoryContent
+) -> model.Story | None:
     """Inserts a PENDING story; None when (user_id, request_id) already made one."""
     patient = content.patient
     assert patient is not None, "validated content always has a patient"
@@ -67,42 +74,72 @@ async def insert_story(
         ),
         json.dumps([{"title": c.title, "text": c.text} for c in content.chapters]),
         content.image_generation_prompt,
+        timeout=STATEMENT_TIMEOUT_SECONDS,
     )
     return _maybe_story(row)
 
 
-async def insert_outbox_event(conn: asyncpg.Connection, story_id: str, portrait_attempt: int) -> None:
-    """Queues `story.created`; the message id makes a second publish of it a no-op."""
+async def insert_outbox_event(conn: asyncpg.Connection, story: model.Story) -> None:
+    """Queues `story.created` for the story's current attempt; the message id makes a
+    second publish of it a no-op."""
     await conn.execute(
         """
-        INSERT INTO story.outbox (story_id, portrait_attempt, subject, msg_id)
-        VALUES ($1, $2, 'story.created', $3)
+        INSERT INTO story.outbox (story_id, portrait_attempt, subject, msg_id, payload)
+        VALUES ($1, $2, $3, $4, $5)
         ON CONFLICT (msg_id) DO NOTHING
         """,
-        story_id,
-        portrait_attempt,
-        f"story.created:{story_id}:{portrait_attempt}",
+        story.story_id,
+        story.portrait_attempt,
+        STORY_CREATED_SUBJECT,
+        story_created_msg_id(story.story_id, story.portrait_attempt),
+        encode_story_created(story),
+        timeout=STATEMENT_TIMEOUT_SECONDS,
     )
 
 
-async def find_by_request(conn: asyncpg.Connection, user_id: str, request_id: str | None) -> domain.Story | None:
+async def fill_missing_payloads(conn: asyncpg.Connection) -> int:
+    """Rows queued before the outbox stored payloads get theirs; returns how many."""
+    rows = await conn.fetch(
+        f"""SELECT o.outbox_id, o.portrait_attempt AS event_attempt, {_STORY_COLUMNS_OF_S}
+              FROM story.outbox o JOIN story.stories s USING (story_id)
+             WHERE o.payload IS NULL AND o.published_at IS NULL""",
+        timeout=STATEMENT_TIMEOUT_SECONDS,
+    )
+    for row in rows:
+        # The event of the row's own attempt, which may be older than the story's current one.
+        story = dataclasses.replace(_story_from_row(row), portrait_attempt=row["event_attempt"])
+        await conn.execute(
+            "UPDATE story.outbox SET payload = $2 WHERE outbox_id = $1",
+            row["outbox_id"],
+            encode_story_created(story),
+            timeout=STATEMENT_TIMEOUT_SECONDS,
+        )
+    return len(rows)
+
+
+async def find_by_request(conn: asyncpg.Connection, user_id: str, request_id: str | None) -> model.Story | None:
     row = await conn.fetchrow(
         f"SELECT {_STORY_COLUMNS} FROM story.stories WHERE user_id = $1 AND request_id = $2",
         user_id,
         request_id,
+        timeout=STATEMENT_TIMEOUT_SECONDS,
     )
     return _maybe_story(row)
 
 
-async def get_story(conn: asyncpg.Connection, story_id: str, *, for_update: bool = False) -> domain.Story | None:
+async def get_story(conn: asyncpg.Connection, story_id: str, *, for_update: bool = False) -> model.Story | None:
     lock = " FOR UPDATE" if for_update else ""
-    row = await conn.fetchrow(f"SELECT {_STORY_COLUMNS} FROM story.stories WHERE story_id = $1{lock}", story_id)
+    row = await conn.fetchrow(
+        f"SELECT {_STORY_COLUMNS} FROM story.stories WHERE story_id = $1{lock}",
+        story_id,
+        timeout=STATEMENT_TIMEOUT_SECONDS,
+    )
     return _maybe_story(row)
 
 
 async def list_stories(
-    conn: asyncpg.Connection, user_id: str, limit: int, after: tuple[datetime, str] | None
-) -> list[domain.Story]:
+    conn: asyncpg.Connection, user_id: str, limit: int, after: model.PageCursor | None
+) -> list[model.Story]:
     """Newest first; keyset pagination on (create_time, story_id) so pages never skip or repeat."""
     if after is None:
         rows = await conn.fetch(
@@ -110,6 +147,7 @@ async def list_stories(
                 ORDER BY create_time DESC, story_id DESC LIMIT $2""",
             user_id,
             limit,
+            timeout=STATEMENT_TIMEOUT_SECONDS,
         )
     else:
         rows = await conn.fetch(
@@ -117,105 +155,57 @@ async def list_stories(
                 WHERE user_id = $1 AND (create_time, story_id) < ($2, $3::uuid)
                 ORDER BY create_time DESC, story_id DESC LIMIT $4""",
             user_id,
-            after[0],
-            after[1],
+            after.create_time,
+            after.story_id,
             limit,
+            timeout=STATEMENT_TIMEOUT_SECONDS,
         )
     return [_story_from_row(row) for row in rows]
 
 
-def encode_page_token(last: domain.Story) -> str:
-    raw = json.dumps([last.create_time.isoformat(), last.story_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode()
-
-
-def decode_page_token(token: str) -> tuple[datetime, str] | None:
-    try:
-        create_time, story_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return datetime.fromisoformat(create_time), str(domain.validate_story_id(story_id))
-    except (ValueError, TypeError, domain.InvalidArgument):
-        return None
-
-
-async def attach_portrait(conn: asyncpg.Connection, story_id: str, storage_id: str) -> domain.Story | None:
-    """Marks the portrait READY; None when nothing changed (already so) or no such story."""
+async def attach_portrait(conn: asyncpg.Connection, story_id: str, storage_id: str) -> model.Story:
+    """Marks the portrait READY with its object; the caller checked the attempt."""
     row = await conn.fetchrow(
         f"""
         UPDATE story.stories
-        SET storage_id = $2, portrait_status = 'READY', portrait_error = '', update_time = now()
-        WHERE story_id = $1 AND (portrait_status <> 'READY' OR storage_id IS DISTINCT FROM $2)
+        SET storage_id = $2, portrait_status = 'READY', portrait_error = '', update_time = clock_timestamp()
+        WHERE story_id = $1
         RETURNING {_STORY_COLUMNS}
         """,
         story_id,
         storage_id,
+        timeout=STATEMENT_TIMEOUT_SECONDS,
     )
-    return _maybe_story(row)
+    return _story_from_row(row)
 
 
-async def end_portrait(conn: asyncpg.Connection, story_id: str, status: str, reason: str) -> domain.Story | None:
-    """FAILED or SKIPPED with a reason; None when nothing changed or no such story."""
+async def end_portrait(conn: asyncpg.Connection, story_id: str, status: str, reason: str) -> model.Story:
+    """FAILED or SKIPPED with a reason; the caller checked the attempt and the status."""
     row = await conn.fetchrow(
         f"""
         UPDATE story.stories
-        SET portrait_status = $2, portrait_error = $3, update_time = now()
-        WHERE story_id = $1 AND portrait_status <> 'READY'
-          AND (portrait_status <> $2 OR portrait_error <> $3)
+        SET portrait_status = $2, portrait_error = $3, update_time = clock_timestamp()
+        WHERE story_id = $1
         RETURNING {_STORY_COLUMNS}
         """,
         story_id,
         status,
         reason,
-    )
-    return _maybe_story(row)
-
-
-async def restart_portrait(conn: asyncpg.Connection, story_id: str) -> domain.Story:
-    row = await conn.fetchrow(
-        f"""
-        UPDATE story.stories
-        SET portrait_status = 'PENDING', portrait_error = '', portrait_attempt = portrait_attempt + 1,
-            update_time = now()
-        WHERE story_id = $1
-        RETURNING {_STORY_COLUMNS}
-        """,
-        story_id,
+        timeout=STATEMENT_TIMEOUT_SECONDS,
     )
     return _story_from_row(row)
 
 
-async def story_update_time(conn: asyncpg.Connection, story_id: str) -> datetime | None:
-    return await conn.fetchval("SELECT update_time FROM story.stories WHERE story_id = $1", story_id)
-
-
-# --- outbox relay -------------------------------------------------------------------------
-
-
-async def claim_unpublished(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
-    """Locks a batch of unpublished events; SKIP LOCKED lets several relays share the work."""
-    return await conn.fetch(
-        """
-        SELECT o.outbox_id, o.subject, o.msg_id, o.portrait_attempt,
-               s.story_id::text AS story_id, s.user_id, s.image_generation_prompt, s.create_time
-        FROM story.outbox o JOIN story.stories s USING (story_id)
-        WHERE o.published_at IS NULL
-        ORDER BY o.outbox_id
-        LIMIT $1
-        FOR UPDATE OF o SKIP LOCKED
+async def restart_portrait(conn: asyncpg.Connection, story_id: str) -> model.Story:
+    row = await conn.fetchrow(
+        f"""
+        UPDATE story.stories
+        SET portrait_status = 'PENDING', portrait_error = '', portrait_attempt = portrait_attempt + 1,
+            update_time = clock_timestamp()
+        WHERE story_id = $1
+        RETURNING {_STORY_COLUMNS}
         """,
-        limit,
+        story_id,
+        timeout=STATEMENT_TIMEOUT_SECONDS,
     )
-
-
-async def mark_published(conn: asyncpg.Connection, outbox_id: int) -> None:
-    await conn.execute(
-        "UPDATE story.outbox SET published_at = now(), attempts = attempts + 1, last_error = NULL WHERE outbox_id = $1",
-        outbox_id,
-    )
-
-
-async def record_publish_failure(conn: asyncpg.Connection, outbox_id: int, error: str) -> None:
-    await conn.execute(
-        "UPDATE story.outbox SET attempts = attempts + 1, last_error = $2 WHERE outbox_id = $1",
-        outbox_id,
-        error[:1000],
-    )
+    return _story_from_row(row)

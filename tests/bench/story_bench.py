@@ -1,10 +1,11 @@
-"""`make bench`: the story service's GetStory throughput and the portrait latency.
+"""`make bench`: GetStory throughput, portrait latency and WatchStory fan-out.
 
 Everything runs as real processes on loopback, started here: a fresh PostgreSQL database,
 a nats-server, moto's S3 server, the story and image services, and a bare grpc.aio echo
 server as the baseline. The machine is shared and noisy, so throughput is reported as a
 ratio to the echo server measured in the same run with the same client, alternating
-rounds so that a burst of noise hits both.
+rounds so that a burst of noise hits both. WatchStory fan-out is the time from a change to
+its arrival at every watcher of one story, for many watchers as a ratio to one watcher.
 """
 
 from __future__ import annotations
@@ -120,6 +121,51 @@ def _percentile(sorted_values: list[float], percent: float) -> float:
     return sorted_values[index]
 
 
+async def fan_out_seconds(stub, watchers: int) -> float:
+    """From SetStoryImage's answer until all `watchers` of the story have READY."""
+    story = (
+        await stub.CreateStory(
+            pb.CreateStoryRequest(
+                user_id="bench-watch",
+                content=pb.StoryContent(
+                    title="t",
+                    patient=pb.Patient(name="n", age=1, diagnosis="d", appearance="a"),
+                    chapters=[pb.Chapter(title="c", text="x")],
+                    image_generation_prompt="p",
+                ),
+            ),
+            metadata=GATEWAY,
+        )
+    ).story
+    streams = [stub.WatchStory(pb.WatchStoryRequest(story_id=story.story_id), metadata=GATEWAY) for _ in range(watchers)]
+    await asyncio.gather(*(stream.read() for stream in streams))  # every watcher has the current state
+    await stub.SetStoryImage(
+        pb.SetStoryImageRequest(story_id=story.story_id, storage_id="portraits/bench/1.png", attempt=1),
+        metadata=bearer_metadata(TOKENS["image"]),
+    )
+    changed = time.perf_counter()
+    await asyncio.gather(*(stream.read() for stream in streams))
+    elapsed = time.perf_counter() - changed
+    for stream in streams:
+        stream.cancel()
+    return elapsed
+
+
+async def measure_watch_fan_out(story_addr: str, watchers: int, rounds: int) -> dict:
+    async with grpc.aio.insecure_channel(story_addr) as channel:
+        stub = story_service_pb2_grpc.StoryServiceStub(channel)
+        one, many = [], []
+        for _ in range(rounds):  # alternating, so that noise hits both
+            one.append(await fan_out_seconds(stub, 1))
+            many.append(await fan_out_seconds(stub, watchers))
+    return {
+        "watchers": watchers,
+        "one_watcher_ms": round(statistics.median(one) * 1000, 1),
+        "many_watchers_ms": round(statistics.median(many) * 1000, 1),
+        "ratio": round(statistics.median(many) / statistics.median(one), 1),
+    }
+
+
 async def run(args: argparse.Namespace) -> dict:
     server_dsn = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
     ensure_postgres_running(server_dsn)
@@ -170,7 +216,13 @@ async def run(args: argparse.Namespace) -> dict:
             env["STORY_ADDR"], f"127.0.0.1:{echo_port}", sample.story.story_id, args.rounds, args.seconds, args.concurrency
         )
         latency = await measure_portrait_latency(env["STORY_ADDR"], args.stories, args.poll_ms / 1000)
-        return {"get_story": {**throughput, "concurrency": args.concurrency, "response_bytes": sample.ByteSize()}, "portrait": latency}
+        image.terminate()  # from here on the bench plays the image service itself
+        fan_out = await measure_watch_fan_out(env["STORY_ADDR"], args.watchers, args.rounds)
+        return {
+            "get_story": {**throughput, "concurrency": args.concurrency, "response_bytes": sample.ByteSize()},
+            "portrait": latency,
+            "watch_fan_out": fan_out,
+        }
     finally:
         for process in reversed(processes):
             process.terminate()
@@ -184,6 +236,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--stories", type=int, default=200)
     parser.add_argument("--poll-ms", type=float, default=5.0)
+    parser.add_argument("--watchers", type=int, default=1000)
     result = asyncio.run(run(parser.parse_args()))
     print(json.dumps(result, indent=2))
 

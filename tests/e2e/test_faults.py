@@ -173,12 +173,12 @@ async def portrait_keys(s3, bucket: str) -> list[str]:
 
 
 def keys_of(story_ids: Iterable[str]) -> list[str]:
-    return sorted(f"portraits/{story_id}.png" for story_id in story_ids)
+    return sorted(f"portraits/{story_id}/1.png" for story_id in story_ids)
 
 
 def assert_stored_once(stories: dict[str, pb.Story], keys: list[str]) -> None:
     for story_id, story in stories.items():
-        assert story.storage_id == f"portraits/{story_id}.png"
+        assert story.storage_id == f"portraits/{story_id}/1.png"
     assert keys == keys_of(stories), "the bucket must hold exactly one object per story"
 
 
@@ -279,7 +279,10 @@ async def test_story_killed_with_unpublished_events_publishes_them_after_restart
 
     assert await unpublished_outbox_rows(database_url, during_ids) == 0
     for story_id in during_ids:
-        assert events_for(restarted, "outbox.published", story_id), f"the new process did not publish {story_id}"
+        published = [line for line in log_events(restarted) if line.get("event") == "outbox.published"]
+        assert any(line.get("msg_id") == f"story.created:{story_id}:1" for line in published), (
+            f"the new process did not publish {story_id}"
+        )
     ready[before.story_id] = await stories.get(before.story_id)
     assert_stored_once(ready, await portrait_keys(s3, s3_bucket))
 
@@ -345,7 +348,7 @@ async def test_duplicate_deliveries_store_one_object_and_attach_it_once(
 
     final = await stories.get(story_id)
     assert final.portrait_status == pb.PORTRAIT_STATUS_READY
-    assert final.storage_id == ready.storage_id == f"portraits/{story_id}.png"
+    assert final.storage_id == ready.storage_id == f"portraits/{story_id}/1.png"
     assert final.update_time == ready.update_time, "the story changed again after it became READY"
     assert await portrait_keys(s3, s3_bucket) == keys_of([story_id])
     assert len(events_for(processes["story"], "story.portrait_ready", story_id)) == 1

@@ -84,7 +84,7 @@ async def test_killed_image_process_hands_its_portrait_over_within_the_ack_wait(
             story = await _until_ready(stories, metadata, story_id, RECOVERY_BOUND_S + 10)
             recovery_s = asyncio.get_running_loop().time() - killed_at
 
-        key = f"portraits/{story_id}.png"
+        key = f"portraits/{story_id}/1.png"
         assert recovery_s < RECOVERY_BOUND_S, f"READY {recovery_s:.1f} s after the kill"
         assert story.storage_id == key
         assert await _portrait_keys(s3_endpoint_url, s3_bucket) == [key]
@@ -108,7 +108,7 @@ async def _start_stack(
     )
     # Both must be pulling before the story exists, or the survivor could not take over.
     for image in images:
-        await _until(lambda image=image: _events(image, "portraits.consumer_ready"), 15, "the consumer ready")
+        await _until(lambda image=image: _events(image, "consumer.ready", consumer="image-portraits"), 15, "the consumer ready")
     return story, images
 
 

@@ -310,7 +310,7 @@ async def test_make_run_serves_a_story_with_its_portrait_and_keeps_both_across_r
     states = await watch_until_final(stack_env["STORY_ADDR"], story.story_id)
     final = states[-1]
     assert final.portrait_status == story_pb.PORTRAIT_STATUS_READY, f"portrait ended {final}"
-    assert final.storage_id == f"portraits/{story.story_id}.png"
+    assert final.storage_id == f"portraits/{story.story_id}/1.png"
 
     url, response = await fetch_portrait(stack_env["IMAGE_ADDR"], final.storage_id)
     assert response.status_code == 200, f"GET {url} answered {response.status_code}: {response.text[:300]}"

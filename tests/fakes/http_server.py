@@ -24,7 +24,8 @@ class RecordedRequest:
     path: str
     headers: Mapping[str, str]  # case-insensitive, as HTTP header names are
     body: bytes
-    received_at: float = 0.0  # time.monotonic(), to check the wait between two requests
+    received_at: float = 0.0  # time.monotonic() when the request arrived
+    peer: tuple | None = None  # the client's (host, port): one per TCP connection
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -44,6 +45,9 @@ class FakeHttpServer:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self.delay_seconds = 0.0
+        # Requests being answered right now, and the most there ever were at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.base_url = ""
         self._faults: deque[ScriptedFault] = deque()
         self._runner: web.AppRunner | None = None
@@ -94,14 +98,30 @@ class FakeHttpServer:
     async def _record_and_script(self, request: web.Request, handler) -> web.StreamResponse:
         body = await request.read()
         self.requests.append(
-            RecordedRequest(request.method, request.path, CIMultiDict(request.headers), body, time.monotonic())
+            RecordedRequest(
+                request.method,
+                request.path,
+                CIMultiDict(request.headers),
+                body,
+                time.monotonic(),
+                request.transport.get_extra_info("peername") if request.transport else None,
+            )
         )
-        if self.delay_seconds:
-            await asyncio.sleep(self.delay_seconds)
-        fault = self._take_fault(request.path)
-        if fault is not None:
-            return _fault_response(fault)
-        return await handler(request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay_seconds:
+                await asyncio.sleep(self.delay_seconds)
+            fault = self._take_fault(request.path) or self.fault_for(request.path, body)
+            if fault is not None:
+                return _fault_response(fault)
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+
+    def fault_for(self, path: str, body: bytes) -> ScriptedFault | None:
+        """Subclasses may fail requests by their content (e.g. a prompt)."""
+        return None
 
     def _take_fault(self, path: str) -> ScriptedFault | None:
         for fault in self._faults:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
+import json
 import time
 import uuid
 
 from aiohttp import web
 from PIL import Image
 
-from tests.fakes.http_server import FakeHttpServer
+from tests.fakes.http_server import FakeHttpServer, ScriptedFault
 
 GENERATIONS_PATH = "/v1/images/generations"
 
@@ -25,7 +27,7 @@ class FakeRecraft(FakeHttpServer):
     """Speaks Recraft's documented generation API; images live under /files/<id>.png.
 
     `image_mode` decides what /files serves: "png" (with Content-Length), "png_chunked"
-    (streamed, no Content-Length), or "not_image" (an HTML page).
+    (streamed, no Content-Length), "gzip" (Content-Encoding: gzip) or "not_image" (HTML).
     """
 
     def __init__(self, *, api_key: str = "test-recraft-key", image_size: tuple[int, int] | None = (64, 64)) -> None:
@@ -35,6 +37,8 @@ class FakeRecraft(FakeHttpServer):
         self.image_size = image_size
         self.image_mode = "png"
         self.images: dict[str, bytes] = {}
+        # Generation calls whose prompt contains a key get its (status, headers) every time.
+        self.fail_prompts: dict[str, tuple[int, dict[str, str]]] = {}
 
     def fail_next(
         self,
@@ -50,6 +54,21 @@ class FakeRecraft(FakeHttpServer):
         super().fail_next(
             count, status=status, body={"code": code, "message": message}, headers=headers, path_prefix=path_prefix
         )
+
+    def fault_for(self, path: str, body: bytes) -> ScriptedFault | None:
+        if path != GENERATIONS_PATH or not self.fail_prompts:
+            return None
+        try:
+            prompt = json.loads(body).get("prompt", "")
+        except ValueError:
+            return None
+        for needle, (status, headers) in self.fail_prompts.items():
+            if needle in prompt:
+                return ScriptedFault(status, {"code": "scripted_failure", "message": f"failing {needle}"}, dict(headers))
+        return None
+
+    def generation_requests(self, prompt_part: str = "") -> list:
+        return [r for r in self.requests_to(GENERATIONS_PATH) if prompt_part in r.json().get("prompt", "")]
 
     @property
     def api_base_url(self) -> str:
@@ -97,6 +116,10 @@ class FakeRecraft(FakeHttpServer):
             return web.Response(text="<html><body>Access denied</body></html>", content_type="text/html")
         if self.image_mode == "png_chunked":
             return await _stream_without_length(request, data)
+        if self.image_mode == "gzip":
+            return web.Response(
+                body=gzip.compress(data), content_type="image/png", headers={"Content-Encoding": "gzip"}
+            )
         return web.Response(body=data, content_type="image/png")
 
     async def _redirect(self, request: web.Request) -> web.Response:

@@ -23,6 +23,8 @@ class TcpProxy:
     """127.0.0.1:<port> -> target_host:target_port, one upstream connection per client."""
 
     def __init__(self, target_host: str, target_port: int, *, port: int | None = None):
+        # Seconds each chunk waits before it is forwarded, either way: a slow link.
+        self.delay_seconds = 0.0
         self.target_host = target_host
         self.target_port = target_port
         self.host = "127.0.0.1"
@@ -88,8 +90,8 @@ class TcpProxy:
             return
         self._writers.update({client_writer, upstream_writer})
         pumps = [
-            asyncio.ensure_future(_pump(client_reader, upstream_writer)),
-            asyncio.ensure_future(_pump(upstream_reader, client_writer)),
+            asyncio.ensure_future(_pump(client_reader, upstream_writer, self)),
+            asyncio.ensure_future(_pump(upstream_reader, client_writer, self)),
         ]
         self._pumps.update(pumps)
         try:
@@ -101,10 +103,12 @@ class TcpProxy:
                 writer.close()
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proxy: TcpProxy) -> None:
     """Copy one direction until EOF, then half-close, as the two ends would see it directly."""
     try:
         while data := await reader.read(CHUNK_BYTES):
+            if proxy.delay_seconds:
+                await asyncio.sleep(proxy.delay_seconds)
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof() and not writer.is_closing():

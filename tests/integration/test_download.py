@@ -188,6 +188,10 @@ async def test_unreachable_host_is_transient():
         ("::ffff:127.0.0.1", False),
         ("::ffff:10.0.0.1", False),
         ("::ffff:8.8.8.8", True),
+        ("2002:7f00:1::1", False),  # 6to4 of 127.0.0.1
+        ("2002:808:808::1", False),  # 6to4 at all: the tunnel's far end is the sender's choice
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
+        ("fec0::1", False),  # site-local
     ],
 )
 def test_public_address_classification(address, public):
@@ -199,3 +203,30 @@ def test_huge_canvas_is_refused_without_decoding():
     Image.new("1", (5000, 5000)).save(buffer, format="PNG")  # ~4 KB on the wire, 25 Mpx
     with pytest.raises(ProviderError, match="pixels"):
         image_from_bytes(buffer.getvalue())
+
+
+async def test_a_gzip_body_is_counted_decoded_and_cut_at_the_cap(host):
+    host.image_mode = "gzip"
+    # A real PNG followed by 8 MB of zeros: about 8 KB on the wire.
+    bomb = make_png(64, 64) + bytes(8 * 1024 * 1024)
+    url = host.host_image(bomb)
+    with pytest.raises(ProviderError, match="larger than 1048576 bytes") as raised:
+        await ImageDownloader(allow_private=True, max_bytes=1024 * 1024).fetch(url)
+    assert raised.value.transient is False
+
+    small = make_png(40, 30)
+    image = await ImageDownloader(allow_private=True).fetch(host.host_image(small))
+    assert image.data == small and (image.width, image.height) == (40, 30)
+
+
+async def test_a_pooled_connection_is_never_reused_for_another_download(host):
+    first, second = host.host_image(make_png()), host.host_image(make_png())
+    # One client for the process, as in production: a kept-alive connection pinned to an
+    # address could otherwise serve the next download, whatever its host name.
+    async with httpx.AsyncClient() as shared:
+        downloader = ImageDownloader(client=shared, allow_private=True)
+        await downloader.fetch(first)
+        await downloader.fetch(second.replace("127.0.0.1", "localhost"))
+    peers = [request.peer for request in file_requests(host)]
+    assert len(peers) == 2 and peers[0] != peers[1]
+    assert all(request.headers["Connection"].lower() == "close" for request in file_requests(host))

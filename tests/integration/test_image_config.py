@@ -15,11 +15,15 @@ def test_defaults_follow_the_operations_contract():
 
     assert config.listen_addr == "127.0.0.1:50052"
     assert config.story_addr == "127.0.0.1:50051"
-    assert config.database_url == "postgresql://postgres@127.0.0.1:5432/casefile"
-    assert (config.nats_url, config.s3_bucket, config.s3_region) == ("nats://127.0.0.1:4222", "casefile", "us-east-1")
+    assert config.database_url.reveal() == "postgresql://postgres@127.0.0.1:5432/casefile"
+    assert (config.nats.url, config.s3_bucket, config.s3_region) == ("nats://127.0.0.1:4222", "casefile", "us-east-1")
     assert config.s3_endpoint_url is None and config.s3_public_endpoint_url is None
     assert (config.portrait_provider, config.allow_private_downloads) == ("local", False)
-    assert (config.portrait_concurrency, config.portrait_max_deliver) == (4, 8)
+    # Portraits wait on the provider's network, so many fit in one process; the consumer's
+    # max_ack_pending is far above processes x concurrency.
+    assert (config.portrait_concurrency, config.portrait_max_deliver) == (16, 8)
+    assert config.portrait_max_ack_pending == 1000
+    assert config.nats_stream_replicas == 1
     assert config.portrait_redelivery_backoff_seconds == (2, 5, 15, 30, 60, 120, 300)
     assert config.portrait_attempt_budget_seconds == 60
     assert config.portrait_ack_wait_seconds == 15
@@ -43,7 +47,7 @@ def test_region_falls_back_to_aws_default_region():
     ("overrides", "variable"),
     [
         ({"AUTH_TOKENS": ""}, "AUTH_TOKENS"),
-        ({"AUTH_TOKENS": "gateway:t-gateway"}, "AUTH_TOKENS"),  # no token to call story with
+        ({"AUTH_TOKENS": "gateway:t-gateway"}, "IMAGE_TOKEN"),  # no token to call story with
         ({"PORTRAIT_PROVIDER": "dall-e"}, "PORTRAIT_PROVIDER"),
         ({"PORTRAIT_REDELIVERY_BACKOFF_SECONDS": "2,soon"}, "PORTRAIT_REDELIVERY_BACKOFF_SECONDS"),
         ({"PORTRAIT_REDELIVERY_BACKOFF_SECONDS": "2,0"}, "PORTRAIT_REDELIVERY_BACKOFF_SECONDS"),

@@ -97,7 +97,7 @@ async def test_created_story_gets_a_portrait_that_opens(stack_of_two):
     done = await final_story(story, created.story_id)
 
     assert done.portrait_status == pb.PORTRAIT_STATUS_READY
-    assert done.storage_id == f"portraits/{created.story_id}.png"
+    assert done.storage_id == f"portraits/{created.story_id}/1.png"
     answer = await image.GetImageUrl(image_service_pb2.GetImageUrlRequest(storage_id=done.storage_id), metadata=GATEWAY)
     async with httpx.AsyncClient() as http:
         response = await http.get(answer.url)

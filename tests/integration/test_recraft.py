@@ -12,10 +12,7 @@ from services.image.providers import (
     ProviderError,
     ProviderNotConfigured,
     RecraftProvider,
-    is_transient,
-    retry_after_of,
 )
-from shared.retry import call_with_retries
 from tests.fakes.recraft import GENERATIONS_PATH, FakeRecraft
 
 pytestmark = pytest.mark.timeout(30)
@@ -76,26 +73,21 @@ async def test_missing_key_raises_not_configured_without_any_http_call(recraft):
     assert recraft.requests == []
 
 
-async def test_503_then_success_through_call_with_retries(recraft):
-    recraft.fail_next(2, status=503, message="upstream busy")
+async def test_503_is_transient_and_the_next_call_succeeds(recraft):
+    recraft.fail_next(1, status=503, message="upstream busy")
     provider = provider_for(recraft)
-    retries = []
 
-    image = await call_with_retries(
-        lambda: provider.generate(prompt=PROMPT, width=1024, height=1024),
-        first_delay=0.01,
-        budget_seconds=10,
-        is_transient=is_transient,
-        retry_after=retry_after_of,
-        on_retry=lambda error, attempt, delay: retries.append((error.status, attempt)),
-    )
+    with pytest.raises(ProviderError) as raised:
+        await provider.generate(prompt=PROMPT, width=1024, height=1024)
+    assert (raised.value.transient, raised.value.status) == (True, 503)
+    assert "upstream busy" in raised.value.reason
 
+    image = await provider.generate(prompt=PROMPT, width=1024, height=1024)
     assert image.data.startswith(b"\x89PNG")
-    assert retries == [(503, 1), (503, 2)]
-    assert len(recraft.requests_to(GENERATIONS_PATH)) == 3
+    assert len(recraft.requests_to(GENERATIONS_PATH)) == 2
 
 
-async def test_429_retry_after_is_read_and_honoured(recraft):
+async def test_429_retry_after_is_read(recraft):
     recraft.fail_next(status=429, message="Too many requests", headers={"Retry-After": "3"})
     provider = provider_for(recraft)
 
@@ -103,33 +95,13 @@ async def test_429_retry_after_is_read_and_honoured(recraft):
         await provider.generate(prompt=PROMPT, width=1024, height=1024)
     assert (raised.value.transient, raised.value.retry_after, raised.value.status) == (True, 3.0, 429)
 
-    recraft.fail_next(status=429, message="Too many requests", headers={"Retry-After": "3"})
-    waits: list[float] = []
-
-    async def record_wait(seconds: float) -> None:  # the HTTP is real; only the wait is skipped
-        waits.append(seconds)
-
-    image = await call_with_retries(
-        lambda: provider.generate(prompt=PROMPT, width=1024, height=1024),
-        first_delay=0.01,
-        is_transient=is_transient,
-        retry_after=retry_after_of,
-        sleep=record_wait,
-    )
-    assert image.width == 64
-    assert waits == [3.0]
-
 
 async def test_content_policy_400_is_permanent_with_the_providers_message(recraft):
     recraft.fail_next(status=400, code="invalid_prompt", message="Prompt violates the content policy")
     provider = provider_for(recraft)
 
     with pytest.raises(ProviderError) as raised:
-        await call_with_retries(
-            lambda: provider.generate(prompt=PROMPT, width=1024, height=1024),
-            first_delay=0.01,
-            is_transient=is_transient,
-        )
+        await provider.generate(prompt=PROMPT, width=1024, height=1024)
 
     assert raised.value.transient is False
     assert raised.value.status == 400

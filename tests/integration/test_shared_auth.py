@@ -5,7 +5,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shared.auth import AuthInterceptor, allow, bearer_metadata, current_caller
+from shared.auth import AuthInterceptor, allow, bearer_metadata, current_caller, token_hash
+from shared.config import parse_auth_tokens
 from shared.grpc_server import ServiceSpec, start_grpc_server
 
 SERVICE = "casefile.test.v1.EchoService"
@@ -166,3 +167,26 @@ async def test_refusal_log_never_contains_the_token(channel, caplog):
     assert len(records) == 2
     for record in records:
         assert "tok-" not in repr(record.__dict__)
+
+
+async def test_a_caller_listed_by_the_hash_of_its_token_is_admitted():
+    tokens = parse_auth_tokens(f"gateway:{token_hash('tok-hashed')},image:tok-image")
+    assert "tok-hashed" not in dict(tokens)  # the table never held the token itself
+    running = await start_grpc_server(
+        listen_addr="127.0.0.1:0",
+        services=[ServiceSpec(name=SERVICE, register=register)],
+        interceptors=[AuthInterceptor(tokens, ALLOWED)],
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as hashed_channel:
+            call = unary(hashed_channel, "Whoami")
+            assert await call(b"", metadata=bearer_metadata("tok-hashed")) == b"gateway"
+            assert await call(b"", metadata=bearer_metadata("tok-image")) == b"image"
+            # Presenting the hash itself is not presenting the token.
+            await expect_error(
+                call(b"", metadata=bearer_metadata(token_hash("tok-hashed"))),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "unknown token",
+            )
+    finally:
+        await running.stop(0)

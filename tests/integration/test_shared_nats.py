@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import pathlib
 import shutil
@@ -14,6 +15,7 @@ import pytest
 from nats.js.api import StorageType
 
 from shared.nats import (
+    StreamSpec,
     connect_nats,
     connect_nats_until_ready,
     ensure_pull_consumer,
@@ -93,25 +95,49 @@ async def test_connect_nats_raises_when_nobody_answers():
     assert time.monotonic() - started < 5
 
 
-async def test_ensure_stream_is_idempotent_and_updates_changed_settings(nc, caplog):
+async def test_ensure_stream_is_idempotent_and_only_ever_adds_subjects(nc, caplog):
     caplog.set_level(logging.INFO, logger="shared.nats")
     js = nc.jetstream()
-    await ensure_stream(js, name="STORIES", subjects=["story.created"], duplicate_window_seconds=60)
-    await ensure_stream(js, name="STORIES", subjects=["story.created"], duplicate_window_seconds=60)
+    spec = StreamSpec("STORIES", ("story.created",), max_age_seconds=3600, duplicate_window_seconds=60)
+    await ensure_stream(js, spec)
+    await ensure_stream(js, spec)
     events = [r.getMessage() for r in caplog.records]
     assert events.count("nats.stream_created") == 1
-    assert "nats.stream_updated" not in events
+    assert "nats.stream_subjects_added" not in events and "nats.stream_settings_kept" not in events
     config = (await js.stream_info("STORIES")).config
     assert config.storage == StorageType.FILE
     assert config.duplicate_window == pytest.approx(60)
+    assert config.num_replicas == 1
 
-    await ensure_stream(
-        js, name="STORIES", subjects=["story.created", "story.retried"], max_age_seconds=3600
-    )
+    await ensure_stream(js, StreamSpec("STORIES", ("story.created", "story.retried"), max_age_seconds=3600))
     config = (await js.stream_info("STORIES")).config
     assert sorted(config.subjects) == ["story.created", "story.retried"]
-    assert config.max_age == pytest.approx(3600)
-    assert [r.getMessage() for r in caplog.records].count("nats.stream_updated") == 1
+    assert [r.getMessage() for r in caplog.records].count("nats.stream_subjects_added") == 1
+
+
+async def test_start_up_never_resets_limits_an_operator_raised(nc, caplog):
+    caplog.set_level(logging.INFO, logger="shared.nats")
+    js = nc.jetstream()
+    spec = StreamSpec("STORIES", ("story.created",), max_age_seconds=3600, duplicate_window_seconds=60)
+    await ensure_stream(js, spec)
+    # An operator keeps a month of events and caps the stream's size.
+    raised = dataclasses.replace((await js.stream_info("STORIES")).config, max_age=30 * 24 * 3600, max_bytes=1 << 30)
+    await js.update_stream(raised)
+
+    await ensure_stream(js, spec)  # what every start-up does
+
+    config = (await js.stream_info("STORIES")).config
+    assert config.max_age == pytest.approx(30 * 24 * 3600)
+    assert config.max_bytes == 1 << 30
+    assert "nats.stream_settings_kept" in [r.getMessage() for r in caplog.records]
+
+
+async def test_replicas_are_asked_for_when_the_stream_is_created(nc):
+    js = nc.jetstream()
+    # A single server cannot hold 3 replicas: asking for them must reach the server (and
+    # fail there), not be silently lowered to 1.
+    with pytest.raises(Exception, match="(?i)replica|cluster"):
+        await ensure_stream(js, StreamSpec("REPLICATED", ("replicated.x",)), replicas=3)
 
 
 async def test_duplicate_msg_id_is_stored_once(nc):
@@ -197,14 +223,17 @@ async def test_until_ready_connects_once_the_server_starts_late(tmp_path, caplog
 
 async def test_until_ready_gives_up_when_stopped():
     stop = asyncio.Event()
-    connecting = asyncio.create_task(
-        connect_nats_until_ready(
-            f"nats://127.0.0.1:{free_port()}", name="t", stop=stop, retry_delay=0.1
+    # A port bound but never listened on refuses every connect for as long as we hold it;
+    # a merely free port could be taken by another test's nats-server meanwhile.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        connecting = asyncio.create_task(
+            connect_nats_until_ready(f"nats://127.0.0.1:{port}", name="t", stop=stop, retry_delay=0.1)
         )
-    )
-    await asyncio.sleep(0.3)
-    stop.set()
-    assert await asyncio.wait_for(connecting, 5) is None
+        await asyncio.sleep(0.3)
+        stop.set()
+        assert await asyncio.wait_for(connecting, 5) is None
 
 
 async def test_reconnects_after_the_server_restarts(nats_server, nc, caplog):

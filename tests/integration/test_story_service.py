@@ -17,6 +17,7 @@ from casefile.story.v1 import story_service_pb2_grpc
 from services.story.config import Config
 from services.story.main import build
 from shared.auth import bearer_metadata
+from shared.grpc_errors import details_of
 from tests.fakes.anthropic import SAMPLE_STORY, FakeAnthropic
 
 TOKENS = "admin:t-admin,gateway:t-gateway,story:t-story,image:t-image"
@@ -175,7 +176,7 @@ async def test_bad_patient_and_chapter_fields_are_named(story, db):
 async def test_bad_story_id_is_invalid_argument(story, story_id):
     for call, request, metadata in [
         (story.GetStory, pb.GetStoryRequest(story_id=story_id), GATEWAY),
-        (story.SetStoryImage, pb.SetStoryImageRequest(story_id=story_id, storage_id="portraits/x.png"), IMAGE),
+        (story.SetStoryImage, pb.SetStoryImageRequest(story_id=story_id, storage_id="portraits/x.png", attempt=1), IMAGE),
     ]:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await call(request, metadata=metadata)
@@ -191,7 +192,7 @@ async def test_missing_story_is_not_found(story):
 
 async def test_set_story_image_is_idempotent(story):
     created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
-    request = pb.SetStoryImageRequest(story_id=created.story_id, storage_id=f"portraits/{created.story_id}.png")
+    request = pb.SetStoryImageRequest(story_id=created.story_id, storage_id=f"portraits/{created.story_id}/1.png", attempt=1)
 
     first = (await story.SetStoryImage(request, metadata=IMAGE)).story
     second = (await story.SetStoryImage(request, metadata=IMAGE)).story
@@ -203,28 +204,51 @@ async def test_set_story_image_is_idempotent(story):
 
 async def test_portrait_status_never_takes_back_a_ready_portrait(story):
     created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
+    ready = (
+        await story.SetStoryImage(
+            pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/a.png", attempt=1), metadata=IMAGE
+        )
+    ).story
+    after = (
+        await story.SetPortraitStatus(
+            pb.SetPortraitStatusRequest(
+                story_id=created.story_id, status=pb.PORTRAIT_STATUS_SKIPPED, reason="late", attempt=1
+            ),
+            metadata=IMAGE,
+        )
+    ).story
+    assert after == ready
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.SetPortraitStatus(
+            pb.SetPortraitStatusRequest(
+                story_id=created.story_id, status=pb.PORTRAIT_STATUS_READY, reason="x", attempt=1
+            ),
+            metadata=IMAGE,
+        )
+    assert raised.value.details().startswith("status:")
+
+
+async def test_a_failed_attempt_cannot_become_ready_afterwards(story):
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
     failed = (
         await story.SetPortraitStatus(
-            pb.SetPortraitStatusRequest(story_id=created.story_id, status=pb.PORTRAIT_STATUS_FAILED, reason="provider down"),
+            pb.SetPortraitStatusRequest(
+                story_id=created.story_id, status=pb.PORTRAIT_STATUS_FAILED, reason="provider down", attempt=1
+            ),
             metadata=IMAGE,
         )
     ).story
     assert (failed.portrait_status, failed.portrait_error) == (pb.PORTRAIT_STATUS_FAILED, "provider down")
 
-    await story.SetStoryImage(pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/a.png"), metadata=IMAGE)
-    after = (
-        await story.SetPortraitStatus(
-            pb.SetPortraitStatusRequest(story_id=created.story_id, status=pb.PORTRAIT_STATUS_SKIPPED, reason="late"),
-            metadata=IMAGE,
-        )
-    ).story
-    assert after.portrait_status == pb.PORTRAIT_STATUS_READY
-
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await story.SetPortraitStatus(
-            pb.SetPortraitStatusRequest(story_id=created.story_id, status=pb.PORTRAIT_STATUS_READY, reason="x"), metadata=IMAGE
+        await story.SetStoryImage(
+            pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/a.png", attempt=1), metadata=IMAGE
         )
-    assert raised.value.details().startswith("status:")
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(raised.value).reason == "PORTRAIT_ALREADY_FINAL"
+    current = (await story.GetStory(pb.GetStoryRequest(story_id=created.story_id), metadata=GATEWAY)).story
+    assert current == failed
 
 
 async def test_callers_are_checked(story):
@@ -297,8 +321,10 @@ async def test_watch_story_streams_until_the_portrait_is_ready(story):
             seen.append(response.story.portrait_status)
 
     watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0.5)
-    await story.SetStoryImage(pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/x.png"), metadata=IMAGE)
+    async with asyncio.timeout(10):
+        while not seen:  # the first message (the current state) means the watch is set up
+            await asyncio.sleep(0.01)
+    await story.SetStoryImage(pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/x.png", attempt=1), metadata=IMAGE)
     await asyncio.wait_for(watcher, 10)
 
     assert seen == [pb.PORTRAIT_STATUS_PENDING, pb.PORTRAIT_STATUS_READY]
@@ -327,19 +353,28 @@ async def test_list_stories_pages_newest_first(story):
 
 async def test_retry_portrait_publishes_a_new_attempt(story, events):
     created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.RetryPortrait(pb.RetryPortraitRequest(story_id=created.story_id), metadata=ADMIN)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(raised.value).reason == "PORTRAIT_IN_PROGRESS"
     await story.SetPortraitStatus(
-        pb.SetPortraitStatusRequest(story_id=created.story_id, status=pb.PORTRAIT_STATUS_FAILED, reason="down"), metadata=IMAGE
+        pb.SetPortraitStatusRequest(story_id=created.story_id, status=pb.PORTRAIT_STATUS_FAILED, reason="down", attempt=1),
+        metadata=IMAGE,
     )
 
     retried = (await story.RetryPortrait(pb.RetryPortraitRequest(story_id=created.story_id), metadata=ADMIN)).story
 
-    assert retried.portrait_status == pb.PORTRAIT_STATUS_PENDING
+    assert (retried.portrait_status, retried.portrait_attempt) == (pb.PORTRAIT_STATUS_PENDING, 2)
     published = await events(2)
     assert [story_events_pb2.StoryCreated.FromString(m.data).portrait_attempt for m in published] == [1, 2]
-    await story.SetStoryImage(pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/x.png"), metadata=IMAGE)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:  # the first attempt's image comes too late
+        await story.SetStoryImage(pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/x.png", attempt=1), metadata=IMAGE)
+    assert details_of(raised.value).reason == "STALE_ATTEMPT"
+    await story.SetStoryImage(pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/x.png", attempt=2), metadata=IMAGE)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await story.RetryPortrait(pb.RetryPortraitRequest(story_id=created.story_id), metadata=ADMIN)
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(raised.value).reason == "PORTRAIT_ALREADY_READY"
 
 
 @pytest.fixture

@@ -16,7 +16,15 @@ SERVICES = ("story", "image", "credits")
 CONTRACT_PORTS = {"story": 50051, "image": 50052, "credits": 50053}
 # Read by aiobotocore (botocore's credential chain), not by our config code.
 # Knobs with defaults that are right in any deployment.
-TUNABLE = re.compile(r"(_SECONDS|_CONCURRENCY|_MAX_DELIVER|^ANTHROPIC_MODEL|^S3_REGION)$")
+TUNABLE = re.compile(
+    r"(_SECONDS|_CONCURRENCY|_MAX_DELIVER|_MAX_ACK_PENDING|_BATCH_SIZE|_MAX_WATCHERS|_REPLICAS|^ANTHROPIC_MODEL|^S3_REGION)$"
+)
+# ${NAME:?message}: compose refuses to start while NAME is unset; no fallback value.
+REQUIRED_FROM_ENVIRONMENT = re.compile(r"^\$\{(?P<name>[A-Z_]+):\?[^}]*\}$")
+# shared.config.env_nats reads these (and NATS_URL).
+NATS_LOGINS = ("NATS_TOKEN", "NATS_USER", "NATS_PASSWORD")
+# NATS takes a user and password instead of a token too; compose logs in with NATS_TOKEN.
+ALTERNATIVE_LOGINS = {"NATS_USER", "NATS_PASSWORD"}
 AWS_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
 
 
@@ -41,6 +49,11 @@ def variables_read_by(service: str) -> dict[str, bool]:
             name = "AUTH_TOKENS"
         elif function == "env_database_url":
             name = "DATABASE_URL"
+        elif function == "env_nats":
+            # NATS_URL has a default; the logins are optional.
+            for login in ("NATS_URL", *NATS_LOGINS):
+                found.setdefault(login, False)
+            continue
         else:
             continue
         has_default = len(node.args) > 2 or any(kw.arg == "default" for kw in node.keywords)
@@ -61,7 +74,7 @@ def test_every_variable_the_service_reads_is_set(compose, service):
     compose each one must be set, bar tunables whose defaults hold anywhere."""
     environment = compose["services"][service]["environment"]
     read = variables_read_by(service)
-    must_be_set = {name for name in read if not TUNABLE.search(name)}
+    must_be_set = {name for name in read if not TUNABLE.search(name)} - ALTERNATIVE_LOGINS
 
     assert {"AUTH_TOKENS", "DATABASE_URL"} <= must_be_set, "the AST scan missed variables: the scan is broken"
     assert must_be_set <= set(environment), f"{service} lacks {sorted(must_be_set - set(environment))}"
@@ -99,3 +112,33 @@ def test_image_can_scale_and_every_service_uses_the_one_dockerfile(compose):
         assert definition["command"] == ["python", "-m", f"services.{service}.main"]
     assert "-js" in compose["services"]["nats"]["command"]
     assert "minio-init" in compose["services"]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_no_service_starts_without_tokens_from_the_environment(compose, service):
+    tokens = compose["services"][service]["environment"]["AUTH_TOKENS"]
+
+    assert REQUIRED_FROM_ENVIRONMENT.match(tokens), f"{service}: AUTH_TOKENS must come from the environment: {tokens}"
+
+
+def test_the_image_process_holds_hashes_and_its_own_token_only(compose):
+    environment = compose["services"]["image"]["environment"]
+
+    # Its own table (hashes), not the clear table story and credits get.
+    assert REQUIRED_FROM_ENVIRONMENT.match(environment["AUTH_TOKENS"])["name"] == "IMAGE_AUTH_TOKENS"
+    assert "sha256" in environment["AUTH_TOKENS"]
+    assert REQUIRED_FROM_ENVIRONMENT.match(environment["IMAGE_TOKEN"])["name"] == "IMAGE_TOKEN"
+    assert "IMAGE_TOKEN" in variables_read_by("image")
+
+
+def test_nats_requires_a_login_and_is_not_published(compose):
+    nats = compose["services"]["nats"]
+
+    assert "ports" not in nats, "NATS must be reachable from the compose network only"
+    command = nats["command"]
+    assert REQUIRED_FROM_ENVIRONMENT.match(command[command.index("--auth") + 1])["name"] == "NATS_TOKEN"
+    for service in ("story", "image"):
+        environment = compose["services"][service]["environment"]
+        assert REQUIRED_FROM_ENVIRONMENT.match(environment["NATS_TOKEN"])["name"] == "NATS_TOKEN"
+        assert "@" not in environment["NATS_URL"], "credentials belong in NATS_TOKEN, not in the URL"
+        assert "NATS_TOKEN" in variables_read_by(service)

@@ -153,3 +153,32 @@ def test_env_secret_optional_and_required():
     assert env_secret({"RECRAFT_API_KEY": "k"}, "RECRAFT_API_KEY").reveal() == "k"
     with pytest.raises(ConfigError, match=r"^RECRAFT_API_KEY: is required$"):
         env_secret({"RECRAFT_API_KEY": ""}, "RECRAFT_API_KEY", required=True)
+
+
+def test_hashed_token_entries_are_checked():
+    digest = "ab" * 32
+    assert dict(parse_auth_tokens(f"image:sha256:{digest.upper()}")) == {f"sha256:{digest}": "image"}
+    with pytest.raises(ConfigError, match=r"^AUTH_TOKENS: entry 1 \(image\) must be sha256: and 64 hex digits$"):
+        parse_auth_tokens("image:sha256:abc")
+
+
+def test_database_url_and_nats_credentials_never_show_in_a_repr():
+    from services.image.config import Config as ImageConfig
+    from services.story.config import Config as StoryConfig
+
+    env = {
+        "AUTH_TOKENS": "gateway:t-gateway,image:t-image",
+        "DATABASE_URL": "postgresql://casefile:db-pa55word@db:5432/casefile",
+        "NATS_URL": "nats://nats-user:nats-pa55word@nats:4222",
+    }
+    for config in (StoryConfig.from_env(env), ImageConfig.from_env(env)):
+        shown = f"{config!r} {config} {config.nats} {config.database_url}"
+        assert "db-pa55word" not in shown and "nats-pa55word" not in shown
+        assert config.database_url.reveal() == env["DATABASE_URL"]
+        assert config.nats.url == "nats://nats:4222"
+        assert config.nats.connect_options() == {"user": "nats-user", "password": "nats-pa55word"}
+
+    token_env = {**env, "NATS_URL": "nats://nats:4222", "NATS_TOKEN": "nats-t0ken"}
+    config = StoryConfig.from_env(token_env)
+    assert "nats-t0ken" not in repr(config)
+    assert config.nats.connect_options() == {"token": "nats-t0ken"}

@@ -9,8 +9,6 @@ from services.image.providers.base import (
     ImageProvider,
     ProviderError,
     ProviderNotConfigured,
-    is_transient,
-    retry_after_of,
 )
 from services.image.providers.download import ImageDownloader
 from services.image.providers.local import LocalProvider
@@ -27,8 +25,6 @@ __all__ = [
     "ProviderNotConfigured",
     "RecraftProvider",
     "build_portrait_provider",
-    "is_transient",
-    "retry_after_of",
 ]
 
 PORTRAIT_PROVIDERS = ("local", "recraft")

@@ -53,16 +53,6 @@ class ProviderNotConfigured(ProviderError):
         super().__init__(reason, transient=False)
 
 
-def is_transient(error: BaseException) -> bool:
-    """The `is_transient` to give call_with_retries for provider calls."""
-    return isinstance(error, ProviderError) and error.transient
-
-
-def retry_after_of(error: BaseException) -> float | None:
-    """The `retry_after` to give call_with_retries for provider calls."""
-    return error.retry_after if isinstance(error, ProviderError) else None
-
-
 def trim_reason(text: str) -> str:
     text = " ".join(str(text).split())
     if len(text) <= MAX_REASON_CHARS:

@@ -8,6 +8,7 @@ import io
 import ipaddress
 import logging
 import socket
+import zlib
 from collections.abc import AsyncIterator
 
 import httpx
@@ -34,6 +35,10 @@ _MAGIC_TO_FORMAT = (
 _CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Every download connection is closed after its one response: a pooled connection pinned to
+# an address could otherwise serve a later request for another host name at that address,
+# under the first name's TLS session. We decode bodies ourselves to count decoded bytes.
+_DOWNLOAD_HEADERS = {"Connection": "close", "Accept-Encoding": "gzip, deflate"}
 
 
 class ImageDownloader:
@@ -85,14 +90,14 @@ class ImageDownloader:
     async def _build_request(self, client: httpx.AsyncClient, url: str) -> httpx.Request:
         target = _parse_http_url(url)
         if self.allow_private:
-            return client.build_request("GET", target)
+            return client.build_request("GET", target, headers=_DOWNLOAD_HEADERS)
         address = await _resolve_public_address(target)
         # Connect to the address we checked, not to whatever a second DNS lookup returns
         # (DNS rebinding); Host and SNI keep the original name so TLS still verifies it.
         pinned = target.copy_with(host=str(address))
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         return client.build_request(
-            "GET", pinned, headers={"Host": _host_header(target)}, extensions=extensions
+            "GET", pinned, headers={**_DOWNLOAD_HEADERS, "Host": _host_header(target)}, extensions=extensions
         )
 
     async def _read_body(self, response: httpx.Response) -> bytes:
@@ -100,15 +105,68 @@ class ImageDownloader:
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             raise _too_large(self.max_bytes)
+        decoder = _decoder_for(response.headers.get("content-encoding", ""))
         body = bytearray()
         try:
-            async for chunk in response.aiter_bytes():
-                body += chunk
+            # Raw bytes, decoded here with a bound: a few KB of gzip can inflate to GBs.
+            async for chunk in response.aiter_raw():
+                body += decoder.decode(chunk, self.max_bytes - len(body) + 1)
                 if len(body) > self.max_bytes:
                     raise _too_large(self.max_bytes)
+            body += decoder.finish(self.max_bytes - len(body) + 1)
         except httpx.TransportError as error:
             raise _network_error(error) from error
+        if len(body) > self.max_bytes:
+            raise _too_large(self.max_bytes)
         return bytes(body)
+
+
+class _Identity:
+    def decode(self, chunk: bytes, _room: int) -> bytes:
+        return chunk
+
+    def finish(self, _room: int) -> bytes:
+        return b""
+
+
+class _Inflate:
+    """gzip or deflate, never producing more than `room` bytes per call."""
+
+    def __init__(self, wbits: int) -> None:
+        self._inflater = zlib.decompressobj(wbits)
+        self._first = True
+        self._wbits = wbits
+
+    def decode(self, chunk: bytes, room: int) -> bytes:
+        try:
+            out = self._inflater.decompress(chunk, max(room, 1))
+        except zlib.error:
+            if not (self._first and self._wbits == zlib.MAX_WBITS):
+                raise ProviderError("image download: corrupt content-encoding", transient=False) from None
+            # Some servers send "deflate" without the zlib header.
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            self._first = False
+            return self.decode(chunk, room)
+        self._first = False
+        # Output at the limit with input left over: the body inflates past the cap.
+        return out + (b"\0" if self._inflater.unconsumed_tail else b"")
+
+    def finish(self, room: int) -> bytes:
+        try:
+            return self._inflater.flush(max(room, 1))
+        except zlib.error:
+            raise ProviderError("image download: corrupt content-encoding", transient=False) from None
+
+
+def _decoder_for(content_encoding: str) -> _Identity | _Inflate:
+    encoding = content_encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return _Identity()
+    if encoding in ("gzip", "x-gzip"):
+        return _Inflate(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return _Inflate(zlib.MAX_WBITS)
+    raise ProviderError(f"image download: unsupported content-encoding {encoding[:40]!r}", transient=False)
 
 
 def image_from_bytes(data: bytes) -> GeneratedImage:
@@ -131,9 +189,14 @@ def image_from_bytes(data: bytes) -> GeneratedImage:
 
 def is_public_address(address: IpAddress) -> bool:
     """False for loopback, private, link-local, multicast, reserved and unspecified addresses."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        # ::ffff:127.0.0.1 reaches 127.0.0.1; Python 3.11 does not classify it as loopback.
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            # ::ffff:127.0.0.1 reaches 127.0.0.1; Python 3.11 does not classify it as loopback.
+            address = address.ipv4_mapped
+        elif address.sixtofour is not None or address.teredo is not None or address.is_site_local:
+            # 6to4 (2002::/16) and Teredo (2001::/32) tunnel to an IPv4 address of the
+            # sender's choosing; site-local (fec0::/10) is a private range.
+            return False
     return address.is_global and not (
         address.is_multicast
         or address.is_private

@@ -1,0 +1,356 @@
+"""A transactional outbox relay: publishes committed rows of an outbox table to JetStream.
+
+A service writes its event into its outbox table in the same transaction as the change the
+event announces; this relay publishes it afterwards, so a broker outage only delays events
+and a rolled-back change never produces one. Any service can run one per process over its
+own table (`OutboxTable`); the table needs these columns (see the story migrations):
+
+    outbox_id bigserial, subject text, msg_id text UNIQUE, payload bytea,
+    created_at timestamptz, published_at timestamptz, claimed_until timestamptz,
+    attempts integer, last_error text
+
+and a trigger that calls `pg_notify(<channel>, '')` after an insert.
+
+Each round is three short steps, none holding a transaction or a row lock across the
+network: claim a batch (one UPDATE ... SKIP LOCKED that stamps `claimed_until`, so several
+relays share the work), publish the batch with each row's `msg_id` as `Nats-Msg-Id`, then
+mark what was acknowledged. A relay that dies between publish and mark leaves its claim to
+expire; the next relay republishes with the same message id and JetStream, whose duplicate
+window outlasts the claim, keeps one copy. LISTEN/NOTIFY wakes the relay within
+milliseconds of a commit; a slow poll remains as a safety net. Published rows are pruned
+after a retention period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from shared.config import Secret
+from shared.nats import NatsTarget, connect_nats_until_ready, msg_id_headers
+
+log = logging.getLogger(__name__)
+
+_QUALIFIED_NAME = re.compile(r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
+_CHANNEL_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+# Deleting published rows in slices keeps each prune transaction short.
+_PRUNE_SLICE = 1000
+_LISTEN_RETRY_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class OutboxTable:
+    """Which table a relay drains, and which NOTIFY channel its insert trigger uses."""
+
+    table: str  # schema-qualified, e.g. "story.outbox"
+    channel: str  # e.g. "story_outbox"
+
+    def __post_init__(self) -> None:
+        # Both are spliced into SQL text, so they must be plain identifiers.
+        if not _QUALIFIED_NAME.match(self.table):
+            raise ValueError(f"outbox table must be schema.table in lowercase, got {self.table!r}")
+        if not _CHANNEL_NAME.match(self.channel):
+            raise ValueError(f"outbox channel must be a lowercase identifier, got {self.channel!r}")
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    batch_size: int = 100
+    # How long a claimed row stays out of other relays' reach; far below the stream's
+    # duplicate window (120 s), so a republish after a crash is always deduplicated.
+    claim_seconds: float = 30.0
+    publish_timeout_seconds: float = 5.0
+    # The safety net behind LISTEN/NOTIFY (a lost notification, a listener reconnecting).
+    poll_interval_seconds: float = 5.0
+    # Published rows older than this are deleted.
+    retention_seconds: float = 24 * 3600
+    prune_interval_seconds: float = 60.0
+    # Every database statement of a round is bounded by this.
+    statement_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    outbox_id: int
+    subject: str
+    msg_id: str
+    payload: bytes
+    created_at: datetime
+
+
+class OutboxRelay:
+    """Publishes one outbox table's rows; run one per process, as many processes as you like."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        dsn: Secret[str] | str,
+        nats: NatsTarget,
+        outbox: OutboxTable,
+        *,
+        client_name: str,
+        settings: RelaySettings = RelaySettings(),
+        prepare: Callable[[JetStreamContext], Awaitable[None]] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self._nats_target = nats
+        self._outbox = outbox
+        self._client_name = client_name
+        self._settings = settings
+        # Declares the streams the rows go to; retried until it succeeds.
+        self._prepare = prepare
+        self._wake = asyncio.Event()
+        self._nats: Client | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._next_prune = 0.0
+        self.published_total = 0
+
+    def kick(self) -> None:
+        """Wakes the relay now (LISTEN/NOTIFY does this for commits of any process too)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Relays until cancelled; NATS or the database being away only pauses it."""
+        listening = asyncio.create_task(self._listen_forever(), name=f"{self._client_name}-listen")
+        try:
+            if self._nats is None or self._nats.is_closed:
+                self._nats = await connect_nats_until_ready(self._nats_target, name=self._client_name)
+            js = self._nats.jetstream()
+            await self._prepare_until_done(js)
+            await self._relay_forever(js)
+        finally:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
+
+    async def close(self) -> None:
+        # close, not drain: every publish already waited for its ack, so nothing is pending,
+        # and drain could wait out its timeout on a NATS that is down.
+        if self._nats is not None and not self._nats.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nats.close()
+        await self._close_listener()
+
+    async def relay_once(self, js: JetStreamContext) -> tuple[int, int]:
+        """One round: claim, publish, mark. Returns (claimed, published)."""
+        rows = await self._claim()
+        if not rows:
+            return 0, 0
+        results = await asyncio.gather(*(self._publish(js, row) for row in rows))
+        published = [row.outbox_id for row, error in zip(rows, results, strict=True) if error is None]
+        failed = [(row.outbox_id, error) for row, error in zip(rows, results, strict=True) if error is not None]
+        await self._mark(published, failed)
+        self.published_total += len(published)
+        log.info(
+            "outbox.batch_published",
+            extra={
+                "outbox": self._outbox.table,
+                "claimed": len(rows),
+                "published": len(published),
+                "failed": len(failed),
+                "lag_ms": _lag_ms(rows[0].created_at),
+            },
+        )
+        return len(rows), len(published)
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _relay_forever(self, js: JetStreamContext) -> None:
+        settings = self._settings
+        while True:
+            _honour_swallowed_cancellation()
+            # Cleared before the round, so a wake-up that lands while publishing is not lost.
+            self._wake.clear()
+            try:
+                claimed, published = await self.relay_once(js)
+                await self._prune_if_due()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+                # The database is away for a moment: the rows are still there, try again.
+                log.error("outbox.round_failed", extra={"outbox": self._outbox.table, "error": repr(error)})
+                claimed, published = 0, 0
+                await self._sleep_until_woken(settings.poll_interval_seconds)
+                continue
+            if claimed == settings.batch_size and published == claimed:
+                continue  # a backlog: go straight on with the next batch
+            if claimed and published < claimed:
+                # NATS refused some: do not hammer it; their claims let others wait too.
+                await self._sleep_until_woken(min(settings.poll_interval_seconds, 1.0), wake_early=False)
+                continue
+            await self._sleep_until_woken(settings.poll_interval_seconds)
+
+    async def _prepare_until_done(self, js: JetStreamContext) -> None:
+        if self._prepare is None:
+            return
+        while True:
+            try:
+                await self._prepare(js)
+                return
+            except Exception as error:  # noqa: BLE001 - any failure here means "NATS not ready yet"
+                log.warning("outbox.streams_not_ready", extra={"outbox": self._outbox.table, "error": repr(error)})
+                await asyncio.sleep(1.0)
+
+    async def _sleep_until_woken(self, timeout: float, *, wake_early: bool = True) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # lands as the event fires, and the relay would then never stop.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                if wake_early:
+                    await self._wake.wait()
+                else:
+                    await asyncio.sleep(timeout)
+
+    # ------------------------------------------------------------------ the three steps
+
+    async def _claim(self) -> list[OutboxRow]:
+        table = self._outbox.table
+        settings = self._settings
+        async with self._pool.acquire(timeout=settings.statement_timeout_seconds) as conn:
+            records = await conn.fetch(
+                f"""
+                UPDATE {table} AS o
+                   SET claimed_until = now() + make_interval(secs => $2), attempts = o.attempts + 1
+                 WHERE o.outbox_id IN (
+                       SELECT outbox_id FROM {table}
+                        WHERE published_at IS NULL
+                          AND (claimed_until IS NULL OR claimed_until < now())
+                        ORDER BY outbox_id
+                        LIMIT $1
+                        FOR UPDATE SKIP LOCKED)
+                RETURNING o.outbox_id, o.subject, o.msg_id, o.payload, o.created_at
+                """,
+                settings.batch_size,
+                settings.claim_seconds,
+                timeout=settings.statement_timeout_seconds,
+            )
+        rows = [OutboxRow(**dict(record)) for record in records]
+        rows.sort(key=lambda row: row.outbox_id)
+        return rows
+
+    async def _publish(self, js: JetStreamContext, row: OutboxRow) -> str | None:
+        """None once JetStream acknowledged the row, else why not."""
+        try:
+            ack = await js.publish(
+                row.subject,
+                row.payload or b"",
+                timeout=self._settings.publish_timeout_seconds,
+                headers=msg_id_headers(row.msg_id),
+            )
+        except Exception as error:  # noqa: BLE001 - every publish failure is retried later
+            log.warning(
+                "outbox.publish_failed",
+                extra={"outbox_id": row.outbox_id, "msg_id": row.msg_id, "error": repr(error)},
+            )
+            return repr(error)[:1000]
+        log.info(
+            "outbox.published",
+            extra={
+                "outbox_id": row.outbox_id,
+                "msg_id": row.msg_id,
+                "subject": row.subject,
+                "stream_seq": ack.seq,
+                "duplicate": bool(ack.duplicate),
+            },
+        )
+        return None
+
+    async def _mark(self, published: list[int], failed: list[tuple[int, str]]) -> None:
+        table = self._outbox.table
+        timeout = self._settings.statement_timeout_seconds
+        async with self._pool.acquire(timeout=timeout) as conn:
+            if published:
+                await conn.execute(
+                    f"""UPDATE {table} SET published_at = now(), claimed_until = NULL, last_error = NULL
+                         WHERE outbox_id = ANY($1::bigint[])""",
+                    published,
+                    timeout=timeout,
+                )
+            if failed:
+                # The claim is given back so the next round (of any relay) tries again.
+                await conn.execute(
+                    f"""UPDATE {table} AS o SET claimed_until = NULL, last_error = f.error
+                          FROM unnest($1::bigint[], $2::text[]) AS f(outbox_id, error)
+                         WHERE o.outbox_id = f.outbox_id""",
+                    [outbox_id for outbox_id, _ in failed],
+                    [error for _, error in failed],
+                    timeout=timeout,
+                )
+
+    async def _prune_if_due(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_prune:
+            return
+        self._next_prune = loop.time() + self._settings.prune_interval_seconds
+        table = self._outbox.table
+        timeout = self._settings.statement_timeout_seconds
+        async with self._pool.acquire(timeout=timeout) as conn:
+            while True:
+                tag = await conn.execute(
+                    f"""DELETE FROM {table} WHERE outbox_id IN (
+                          SELECT outbox_id FROM {table}
+                           WHERE published_at < now() - make_interval(secs => $1)
+                           LIMIT {_PRUNE_SLICE})""",
+                    self._settings.retention_seconds,
+                    timeout=timeout,
+                )
+                deleted = int(tag.rsplit(" ", 1)[-1])
+                if deleted:
+                    log.info("outbox.pruned", extra={"outbox": table, "rows": deleted})
+                if deleted < _PRUNE_SLICE:
+                    return
+
+    # ------------------------------------------------------------------ LISTEN/NOTIFY
+
+    async def _listen_forever(self) -> None:
+        """One connection of its own, LISTENing; reconnects after losing the database."""
+        while True:
+            try:
+                conn = await self._open_listener()
+                self.kick()  # whatever was committed while we were not listening
+                while not conn.is_closed():
+                    await asyncio.sleep(_LISTEN_RETRY_SECONDS)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+                log.warning("outbox.listen_failed", extra={"outbox": self._outbox.table, "error": repr(error)})
+            await self._close_listener()
+            await asyncio.sleep(_LISTEN_RETRY_SECONDS)
+
+    async def _open_listener(self) -> asyncpg.Connection:
+        dsn = self._dsn.reveal() if isinstance(self._dsn, Secret) else self._dsn
+        conn = await asyncpg.connect(
+            dsn, timeout=self._settings.statement_timeout_seconds,
+            server_settings={"application_name": f"{self._client_name}-listener"},
+        )
+        self._listener = conn
+        await conn.add_listener(self._outbox.channel, self._on_notify)
+        return conn
+
+    def _on_notify(self, *_args: object) -> None:
+        self._wake.set()
+
+    async def _close_listener(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await conn.close()
+
+
+def _honour_swallowed_cancellation() -> None:
+    """On Python 3.11, asyncio.wait_for (which nats-py uses for every request) returns the
+    result instead of raising when a cancellation lands as the reply arrives; the relay
+    would then loop on forever and shutdown would hang. The request is still on record."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _lag_ms(created_at: datetime) -> int:
+    return int((datetime.now(created_at.tzinfo) - created_at).total_seconds() * 1000)
