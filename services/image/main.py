@@ -18,7 +18,8 @@ from services.image.domain import PortraitDeps, PortraitEvent, PortraitOutcome, 
 from services.image.handlers import ALLOWED_CALLERS, SERVICE_NAME, ImageServicer
 from services.image.messaging import ConsumerSettings, PortraitConsumer
 from services.image.objects import ObjectStore, s3_client_config
-from services.image.providers import build_portrait_provider
+from services.image.providers import build_generation_providers, build_portrait_provider
+from services.image.routing import BreakerSettings, ProviderRouter
 from services.image.story_client import StoryClient
 from shared.auth import AuthInterceptor
 from shared.db import close_pool, create_pool
@@ -54,7 +55,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         ack_wait_seconds=config.portrait_ack_wait_seconds,
     )
     _start_consumer(config, deps, stack)
-    servicer = ImageServicer(objects)
+    servicer = ImageServicer(objects, models=_provider_router(config, http))
     server = await start_grpc_server(
         listen_addr=config.listen_addr,
         services=[
@@ -70,6 +71,14 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     # Stopping twice is harmless; this covers callers (tests) that only close the stack.
     stack.push_async_callback(server.stop, 0)
     return server
+
+
+def _provider_router(config: Config, http: httpx.AsyncClient) -> ProviderRouter:
+    """Generation jobs' providers: local/sketch and every vendor whose key is set."""
+    settings = config.providers
+    breaker = BreakerSettings(settings.breaker_failure_threshold, settings.breaker_cool_down_seconds)
+    log.info("providers.configured", extra={"providers": ["local", *settings.configured()]})
+    return ProviderRouter(build_generation_providers(settings, client=http), breaker=breaker)
 
 
 async def _open_database(config: Config, stack: contextlib.AsyncExitStack) -> asyncpg.Pool:
