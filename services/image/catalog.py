@@ -69,7 +69,8 @@ class UnsupportedRequest(ValueError):
 
 class UnknownModel(UnsupportedRequest):
     def __init__(self, model: str) -> None:
-        shown = model if len(model) <= 64 and model.isprintable() else repr(model[:64])
+        # The name is the caller's: shown short and printable, never as it came.
+        shown = model if len(model) <= 64 and model.isprintable() else repr(model[:16])[:64] + "..."
         super().__init__("model", f"unknown model {shown}; ListModels names the models on offer")
 
 
