@@ -55,7 +55,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         ack_wait_seconds=config.portrait_ack_wait_seconds,
     )
     _start_consumer(config, deps, stack)
-    servicer = ImageServicer(objects, models=_provider_router(config, http))
+    servicer = ImageServicer(objects, models=provider_router(config, http))
     server = await start_grpc_server(
         listen_addr=config.listen_addr,
         services=[
@@ -73,7 +73,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     return server
 
 
-def _provider_router(config: Config, http: httpx.AsyncClient) -> ProviderRouter:
+def provider_router(config: Config, http: httpx.AsyncClient | None = None) -> ProviderRouter:
     """Generation jobs' providers: local/sketch and every vendor whose key is set."""
     settings = config.providers
     breaker = BreakerSettings(settings.breaker_failure_threshold, settings.breaker_cool_down_seconds)
