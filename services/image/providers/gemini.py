@@ -15,7 +15,6 @@ usageMetadata's tokens at Google's published prices.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from decimal import Decimal
 from typing import Any
@@ -44,16 +43,11 @@ from services.image.providers.http import (
     b64,
     decode_base64,
     error_for_status,
-    parse_json_object,
-    read_api_error,
     round_microdollars,
-    send,
     validate_image,
     VendorClient,
 )
-from services.image.providers.pictures import aspect_ratio
-
-log = logging.getLogger(__name__)
+from services.image.providers.pictures import aspect_ratio, edit_prompt
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
 DEFAULT_TIMEOUT_SECONDS = 120
@@ -69,15 +63,6 @@ REFUSAL_FINISH_REASONS = frozenset(
 )  # fmt: skip
 ACCOUNT_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "BILLING_DISABLED", "CONSUMER_SUSPENDED"})
 _RETRY_DELAY = re.compile(r"^(\d+(?:\.\d+)?)s$")
-
-_EDIT_INSTRUCTIONS = {
-    EditOperation.INPAINT: "Edit this picture: change only the area the mask (the next image) leaves transparent. {prompt}",
-    EditOperation.OUTPAINT: "Extend this picture beyond its borders, keeping what is there. {prompt}",
-    EditOperation.VARIATION: "Make a new variation of this picture, same subject and mood. {prompt}",
-    EditOperation.REMOVE_BACKGROUND: "Remove the background of this picture and keep only the subject. {prompt}",
-    EditOperation.RESTYLE: "Redraw this picture with the same composition in this style: {prompt}",
-}
-
 
 class GeminiClient(VendorClient):
     name = ProviderName.GEMINI
@@ -111,22 +96,11 @@ class GeminiClient(VendorClient):
 
     async def _generate_content(self, api_key: str, model: str, body: dict[str, Any]) -> dict[str, Any]:
         headers = {"x-goog-api-key": api_key, "Content-Type": "application/json"}
-        async with self._http() as client:
-            response, raw = await send(
-                client,
-                "POST",
-                f"{self.base_url}/models/{model}:generateContent",
-                provider=self.name,
-                max_bytes=MAX_BYTES_PER_IMAGE,
-                timeout=self.timeout,
-                json=body,
-                headers=headers,
-            )
-        if response.status_code >= 400:
-            error = read_api_error(response, raw)
-            log.warning("gemini.request_failed", extra={"status": error.status, "code": error.code, "error": error.message})
-            raise classify_gemini_error(error)
-        return parse_json_object(raw, self.name)
+        url = f"{self.base_url}/models/{model}:generateContent"
+        return await self._post(url, headers=headers, max_bytes=MAX_BYTES_PER_IMAGE, json=body)
+
+    def _classify(self, error: ApiError) -> ProviderError:
+        return classify_gemini_error(error)
 
     async def _image_of(self, reply: dict[str, Any]) -> tuple[GeneratedImage, str]:
         feedback = reply.get("promptFeedback") if isinstance(reply.get("promptFeedback"), dict) else {}
@@ -205,7 +179,7 @@ def _edit_contents(request: GenerationRequest, edit: EditInstructions) -> list[d
             user_parts.append(_inline_part(turn.source))
         contents.append({"role": "user", "parts": user_parts})
         contents.append({"role": "model", "parts": [_inline_part(turn.result)]})
-    parts: list[dict[str, Any]] = [{"text": _EDIT_INSTRUCTIONS[edit.operation].format(prompt=request.prompt).strip()}]
+    parts: list[dict[str, Any]] = [{"text": edit_prompt(edit.operation, request.prompt, request.width, request.height)}]
     # In a chain the source is the model's own last picture, already in the conversation.
     if not edit.history or edit.history[-1].result.data != edit.source.data:
         parts.append(_inline_part(edit.source))

@@ -352,6 +352,28 @@ class VendorClient:
     def _key(self) -> str:
         return require_key(self._api_key, self.key_variable, self.name)
 
+    async def _post(self, url: str, *, headers: dict[str, str], max_bytes: int, **body: Any) -> dict[str, Any]:
+        """POSTs `body` (json=..., or data= and files=); the answer's JSON object, or the
+        ProviderError `_classify` makes of the vendor's refusal."""
+        async with self._http() as client:
+            response, raw = await send(
+                client, "POST", url, provider=self.name, max_bytes=max_bytes, timeout=self.timeout,
+                headers=headers, **body,
+            )  # fmt: skip
+        if response.status_code >= 400:
+            error = read_api_error(response, raw)
+            log.warning(
+                "provider.request_failed",
+                extra={"provider": str(self.name), "status": error.status, "code": error.code, "error": error.message},
+            )
+            raise self._classify(error)
+        return parse_json_object(raw, self.name)
+
+    def _classify(self, error: ApiError) -> ProviderError:
+        """The vendor's refusal as a ProviderError; clients override it where their API
+        documents exceptions to the common table."""
+        return error_for_status(self.name, error)
+
     @contextlib.asynccontextmanager
     async def _http(self) -> AsyncIterator[httpx.AsyncClient]:
         if self._client is not None:

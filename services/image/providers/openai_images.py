@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 from decimal import Decimal
 from typing import Any
 
@@ -36,7 +35,7 @@ from services.image.providers.base import (
     deliver_preview,
 )
 from services.image.providers.download import ImageDownloader
-from services.image.providers.pictures import as_png, padded_canvas
+from services.image.providers.pictures import as_png, edit_prompt, padded_canvas
 from services.image.providers.errors import (
     ContentRefused,
     FailureKind,
@@ -54,16 +53,12 @@ from services.image.providers.http import (
     error_for_status,
     iter_sse,
     open_stream,
-    parse_json_object,
     read_api_error,
     read_bounded,
     round_microdollars,
-    send,
     validate_image,
     VendorClient,
 )
-
-log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # gpt-image-1 at high quality takes a minute or more and says nothing until it is done.
@@ -100,15 +95,6 @@ GPT_IMAGE_TEXT_INPUT = Decimal(5)
 GPT_IMAGE_IMAGE_INPUT = Decimal(10)
 GPT_IMAGE_OUTPUT = Decimal(40)
 
-_EDIT_INSTRUCTIONS = {
-    EditOperation.INPAINT: "Repaint only the masked area: {prompt}",
-    EditOperation.OUTPAINT: "Extend the picture into the transparent border, keeping the centre as it is: {prompt}",
-    EditOperation.VARIATION: "A new variation of this picture, same subject and mood. {prompt}",
-    EditOperation.REMOVE_BACKGROUND: "Remove the background entirely and keep only the subject. {prompt}",
-    EditOperation.RESTYLE: "Redraw this picture, same composition, in this style: {prompt}",
-}
-
-
 class OpenAIImagesClient(VendorClient):
     name = ProviderName.OPENAI
     key_variable = "OPENAI_API_KEY"
@@ -142,7 +128,7 @@ class OpenAIImagesClient(VendorClient):
             fields.update(stream=True, partial_images=self.partial_images)
             reply = await self._stream(api_key, path, fields, files, on_preview)
         else:
-            reply = await self._post(api_key, path, fields, files, request.count)
+            reply = await self._post_fields(api_key, path, fields, files, request.count)
         images = await self._images_from_reply(reply, request.count)
         notes = tuple(item["revised_prompt"] for item in reply["data"] if isinstance(item.get("revised_prompt"), str))
         return GenerationResult(
@@ -188,26 +174,15 @@ class OpenAIImagesClient(VendorClient):
         files: dict[str, Any] = {"image": ("source.png", source, "image/png")}
         if mask is not None and edit.operation in (EditOperation.INPAINT, EditOperation.OUTPAINT):
             files["mask"] = ("mask.png", mask, "image/png")
-        prompt = _EDIT_INSTRUCTIONS[edit.operation].format(prompt=request.prompt).strip()
+        prompt = edit_prompt(edit.operation, request.prompt, request.width, request.height)
         return "/images/edits", {**fields, "prompt": prompt}, files
 
-    async def _post(
+    async def _post_fields(
         self, api_key: str, path: str, fields: dict[str, Any], files: dict[str, Any] | None, count: int
     ) -> dict[str, Any]:
-        async with self._http() as client:
-            response, body = await send(
-                client,
-                "POST",
-                f"{self.base_url}{path}",
-                provider=self.name,
-                max_bytes=MAX_BYTES_PER_IMAGE * max(1, count),
-                timeout=self.timeout,
-                headers={"Authorization": f"Bearer {api_key}"},
-                **_body(fields, files),
-            )
-        if response.status_code >= 400:
-            raise self._error(read_api_error(response, body))
-        return parse_json_object(body, self.name)
+        headers = {"Authorization": f"Bearer {api_key}"}
+        max_bytes = MAX_BYTES_PER_IMAGE * max(1, count)
+        return await self._post(f"{self.base_url}{path}", headers=headers, max_bytes=max_bytes, **_body(fields, files))
 
     async def _stream(
         self,
@@ -225,7 +200,7 @@ class OpenAIImagesClient(VendorClient):
         ) as response:  # fmt: skip
             if response.status_code >= 400:
                 body = await read_bounded(response, 64 * 1024, self.name, cut_off=True)
-                raise self._error(read_api_error(response, body))
+                raise self._classify(read_api_error(response, body))
             async for event in iter_sse(response, self.name):
                 payload = _event_payload(event.data, self.name)
                 kind = str(payload.get("type") or event.event)
@@ -251,8 +226,7 @@ class OpenAIImagesClient(VendorClient):
             return tuple(await asyncio.gather(*(self._downloader.fetch(item["url"]) for item in items)))
         raise ProviderError("openai: response has neither b64_json nor url", kind=FailureKind.SERVER, provider=self.name)
 
-    def _error(self, error: ApiError) -> ProviderError:
-        log.warning("openai.request_failed", extra={"status": error.status, "code": error.code, "error": error.message})
+    def _classify(self, error: ApiError) -> ProviderError:
         return classify_openai_error(error)
 
     def _stream_error(self, payload: dict[str, Any]) -> ProviderError:

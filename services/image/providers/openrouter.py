@@ -12,7 +12,6 @@ OpenRouter credits (US dollars).
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 
@@ -33,15 +32,10 @@ from services.image.providers.http import (
     decode_data_url,
     dollars_to_microdollars,
     error_for_status,
-    parse_json_object,
-    read_api_error,
-    send,
     validate_image,
     VendorClient,
 )
-from services.image.providers.pictures import aspect_ratio
-
-log = logging.getLogger(__name__)
+from services.image.providers.pictures import aspect_ratio, edit_prompt
 
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_TIMEOUT_SECONDS = 180
@@ -50,15 +44,6 @@ APP_TITLE = "casefile"
 SAFETY_FINISH_REASONS = frozenset(
     {"content_filter", "SAFETY", "IMAGE_SAFETY", "PROHIBITED_CONTENT", "IMAGE_PROHIBITED_CONTENT", "BLOCKLIST"}
 )
-
-_EDIT_INSTRUCTIONS = {
-    EditOperation.INPAINT: "Edit this picture: repaint only the area the second image (the mask) marks as transparent. {prompt}",
-    EditOperation.OUTPAINT: "Extend this picture beyond its borders to a {width}x{height} frame, keeping it as it is. {prompt}",
-    EditOperation.VARIATION: "Make a new variation of this picture, same subject and mood. {prompt}",
-    EditOperation.REMOVE_BACKGROUND: "Remove the background of this picture; keep only the subject on transparency. {prompt}",
-    EditOperation.RESTYLE: "Redraw this picture with the same composition in this style: {prompt}",
-}
-
 
 class OpenRouterClient(VendorClient):
     name = ProviderName.OPENROUTER
@@ -92,25 +77,13 @@ class OpenRouterClient(VendorClient):
 
     async def _complete(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {api_key}", "X-Title": APP_TITLE}
-        async with self._http() as client:
-            response, raw = await send(
-                client,
-                "POST",
-                f"{self.base_url}/chat/completions",
-                provider=self.name,
-                max_bytes=MAX_BYTES_PER_IMAGE,
-                timeout=self.timeout,
-                json=body,
-                headers=headers,
-            )
-        if response.status_code >= 400:
-            raise self._error(read_api_error(response, raw))
-        reply = parse_json_object(raw, self.name)
+        url = f"{self.base_url}/chat/completions"
+        reply = await self._post(url, headers=headers, max_bytes=MAX_BYTES_PER_IMAGE, json=body)
         if isinstance(reply.get("error"), dict):
             # The model had started: the status is 200 and the error is in the body.
             error = reply["error"]
             status = error.get("code") if isinstance(error.get("code"), int) else 502
-            raise self._error(ApiError(status, str(error.get("message") or "error"), str(error.get("code")), error))
+            raise self._classify(ApiError(status, str(error.get("message") or "error"), str(error.get("code")), error))
         return reply
 
     async def _image_of(self, reply: dict[str, Any]) -> GeneratedImage:
@@ -132,8 +105,7 @@ class OpenRouterClient(VendorClient):
             return await asyncio.to_thread(lambda: validate_image(decode_data_url(url, self.name), self.name))
         return await self._downloader.fetch(url)
 
-    def _error(self, error: ApiError) -> ProviderError:
-        log.warning("openrouter.request_failed", extra={"status": error.status, "error": error.message})
+    def _classify(self, error: ApiError) -> ProviderError:
         metadata = error.body.get("metadata") if isinstance(error.body.get("metadata"), dict) else {}
         if error.status == 403 and ("reasons" in metadata or "flagged_input" in metadata):
             reasons = ", ".join(str(reason) for reason in metadata.get("reasons") or [])
@@ -150,7 +122,7 @@ def _user_content(request: GenerationRequest) -> str | list[dict[str, Any]]:
 
 
 def _edit_content(request: GenerationRequest, edit: EditInstructions) -> list[dict[str, Any]]:
-    text = _EDIT_INSTRUCTIONS[edit.operation].format(prompt=request.prompt, width=request.width, height=request.height)
+    text = edit_prompt(edit.operation, request.prompt, request.width, request.height)
     if edit.history:
         # Chat messages carry no images from the assistant, so earlier turns go in as words;
         # the source is already the last turn's picture.

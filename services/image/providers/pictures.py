@@ -12,6 +12,7 @@ from math import gcd
 
 from PIL import Image, ImageOps
 
+from services.image.catalog import EditOperation
 from services.image.providers.download import image_from_bytes
 
 # How much of an outpaint canvas the source keeps: the rest is new picture.
@@ -71,3 +72,18 @@ _RATIOS = {
     ratio: int(ratio.split(":")[0]) / int(ratio.split(":")[1])
     for ratio in ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
 }
+
+
+# What a conversational model (Gemini, through OpenRouter or not; GPT Image's edits) is told
+# each operation means; the player's prompt follows.
+EDIT_INSTRUCTIONS = {
+    EditOperation.INPAINT: "Edit this picture: repaint only the area the mask leaves transparent.",
+    EditOperation.OUTPAINT: "Extend this picture beyond its borders to a {width}x{height} frame, keeping what is there.",
+    EditOperation.VARIATION: "Make a new variation of this picture, with the same subject and mood.",
+    EditOperation.REMOVE_BACKGROUND: "Remove the background of this picture entirely; keep only the subject.",
+    EditOperation.RESTYLE: "Redraw this picture with the same composition, in this style:",
+}
+
+
+def edit_prompt(operation: EditOperation, prompt: str, width: int, height: int) -> str:
+    return f"{EDIT_INSTRUCTIONS[operation].format(width=width, height=height)} {prompt}".strip()

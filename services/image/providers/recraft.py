@@ -9,7 +9,6 @@ Recraft's published $1 per 1,000 units. Errors are {"code", "message"}.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import httpx
@@ -29,14 +28,8 @@ from services.image.providers.http import (
     MAX_BYTES_PER_IMAGE,
     as_int,
     decode_base64_images,
-    error_for_status,
-    parse_json_object,
-    read_api_error,
-    send,
     VendorClient,
 )
-
-log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://external.api.recraft.ai/v1"
 # Recraft sells 1,000 API units for $1: one unit is 1,000 micro-dollars.
@@ -98,22 +91,8 @@ class RecraftClient(VendorClient):
 
     async def _post_generation(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-        async with self._http() as client:
-            response, raw = await send(
-                client,
-                "POST",
-                f"{self.base_url}/images/generations",
-                provider=self.name,
-                max_bytes=MAX_BYTES_PER_IMAGE * max(1, body.get("n", 1)),
-                timeout=self.timeout,
-                json=body,
-                headers=headers,
-            )
-        if response.status_code >= 400:
-            error = read_api_error(response, raw)
-            log.warning("recraft.request_failed", extra={"status": error.status, "error": error.message})
-            raise error_for_status(self.name, error)
-        return parse_json_object(raw, self.name)
+        max_bytes = MAX_BYTES_PER_IMAGE * max(1, body.get("n", 1))
+        return await self._post(f"{self.base_url}/images/generations", headers=headers, max_bytes=max_bytes, json=body)
 
     async def _images_from_reply(self, reply: dict[str, Any]) -> tuple[GeneratedImage, ...]:
         items = reply.get("data")

@@ -12,7 +12,6 @@ credits of $0.01; SDXL 1.0 at 30 steps costs 0.2 credits an image.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 
@@ -24,13 +23,8 @@ from services.image.providers.http import (
     ApiError,
     decode_base64_images,
     error_for_status,
-    parse_json_object,
-    read_api_error,
-    send,
     VendorClient,
 )
-
-log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.stability.ai"
 DEFAULT_TIMEOUT_SECONDS = 120
@@ -82,23 +76,10 @@ class StabilityClient(VendorClient):
 
     async def _text_to_image(self, api_key: str, engine: str, body: dict[str, Any]) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
-        async with self._http() as client:
-            response, raw = await send(
-                client,
-                "POST",
-                f"{self.base_url}/v1/generation/{engine}/text-to-image",
-                provider=self.name,
-                max_bytes=MAX_BYTES_PER_IMAGE * max(1, body["samples"]),
-                timeout=self.timeout,
-                json=body,
-                headers=headers,
-            )
-        if response.status_code >= 400:
-            raise self._error(read_api_error(response, raw))
-        return parse_json_object(raw, self.name)
+        url = f"{self.base_url}/v1/generation/{engine}/text-to-image"
+        return await self._post(url, headers=headers, max_bytes=MAX_BYTES_PER_IMAGE * max(1, body["samples"]), json=body)
 
-    def _error(self, error: ApiError) -> ProviderError:
-        log.warning("stability.request_failed", extra={"status": error.status, "code": error.code, "error": error.message})
+    def _classify(self, error: ApiError) -> ProviderError:
         if error.status == 400 and error.body.get("name") in CONTENT_FILTER_NAMES:
             return ContentRefused(f"stability: {error.message}", status=400, code=error.code, provider=self.name)
         return error_for_status(self.name, error)
