@@ -1,12 +1,13 @@
 """Retry an async operation with exponential backoff inside a fixed time budget.
 
 Used by every outside call that can fail for a moment: portrait providers (image) and story
-writers (story).
+writers (story); parse_retry_after reads the wait those calls are told to honour.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -63,3 +64,25 @@ def _backoff(retry_number: int, first_delay: float, max_delay: float, jitter: ra
     # The exponent is capped so that a long run of tiny delays cannot overflow the float.
     base = min(max_delay, first_delay * 2 ** min(retry_number - 1, 32))
     return min(max_delay, base * jitter.uniform(1 - JITTER_FRACTION, 1 + JITTER_FRACTION))
+
+
+def parse_retry_after(value: str | None, *, now: Callable[[], float] = time.time) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date (RFC 9110
+    section 10.2.3); None when absent or unreadable, never negative or infinite."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = None
+    if seconds is not None:
+        # "inf" and "nan" parse as floats; neither is a wait anyone should honour.
+        return max(0.0, seconds) if seconds == seconds and seconds != float("inf") else None
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, moment.timestamp() - now())

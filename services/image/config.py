@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from services.image.providers import PORTRAIT_PROVIDERS
 from shared.config import (
@@ -25,12 +26,75 @@ from shared.config import (
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/casefile"
 DEFAULT_REDELIVERY_BACKOFF = "2,5,15,30,60,120,300"
 RECRAFT_DEFAULT_BASE_URL = "https://external.api.recraft.ai/v1"
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+OPENROUTER_DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
+GEMINI_DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
+STABILITY_DEFAULT_BASE_URL = "https://api.stability.ai"
 # The name under which AUTH_TOKENS may list this service's own token for outgoing calls;
 # IMAGE_TOKEN, when set, is used instead (AUTH_TOKENS may then hold only hashes).
 OWN_CALLER_NAME = "image"
 # Portraits wait on the network, not the CPU: a provider takes seconds per image.
 DEFAULT_PORTRAIT_CONCURRENCY = 16
 DEFAULT_MAX_ACK_PENDING = 1000
+
+
+@dataclass(frozen=True)
+class VendorSettings:
+    """One vendor API: its key (None: not configured) and base URL."""
+
+    api_key: Secret[str] | None
+    base_url: str
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """The generation jobs' providers (CONTRACT.md's operations table) and their breakers."""
+
+    openai: VendorSettings
+    openrouter: VendorSettings
+    gemini: VendorSettings
+    stability: VendorSettings
+    recraft: VendorSettings
+    allow_private_downloads: bool
+    request_timeout_seconds: float
+    breaker_failure_threshold: int
+    breaker_cool_down_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ProviderSettings:
+        return cls(
+            # Each name is spelled out in its call so that tools scanning config.py see it.
+            openai=VendorSettings(
+                env_secret(env, "OPENAI_API_KEY"), _base_url(env, "OPENAI_BASE_URL", OPENAI_DEFAULT_BASE_URL)
+            ),
+            openrouter=VendorSettings(
+                env_secret(env, "OPENROUTER_API_KEY"),
+                _base_url(env, "OPENROUTER_BASE_URL", OPENROUTER_DEFAULT_BASE_URL),
+            ),
+            # Google's SDKs read either name; GEMINI_API_KEY wins when both are set.
+            gemini=VendorSettings(
+                env_secret(env, "GEMINI_API_KEY") or env_secret(env, "GOOGLE_API_KEY"),
+                _base_url(env, "GEMINI_BASE_URL", GEMINI_DEFAULT_BASE_URL),
+            ),
+            stability=VendorSettings(
+                env_secret(env, "STABILITY_API_KEY"),
+                _base_url(env, "STABILITY_BASE_URL", STABILITY_DEFAULT_BASE_URL),
+            ),
+            recraft=VendorSettings(
+                env_secret(env, "RECRAFT_API_KEY"), _base_url(env, "RECRAFT_BASE_URL", RECRAFT_DEFAULT_BASE_URL)
+            ),
+            allow_private_downloads=env_bool(env, "ALLOW_PRIVATE_DOWNLOADS", False),
+            # gpt-image-1 at high quality says nothing for a minute or more before it answers.
+            request_timeout_seconds=env_float(env, "PROVIDER_REQUEST_TIMEOUT_SECONDS", 240, minimum=1),
+            breaker_failure_threshold=env_int(env, "PROVIDER_BREAKER_FAILURES", 5, minimum=1),
+            breaker_cool_down_seconds=env_float(env, "PROVIDER_BREAKER_COOL_DOWN_SECONDS", 30, minimum=0.1),
+        )
+
+    def configured(self) -> tuple[str, ...]:
+        """The vendors whose key is set (for the start-up log: never the keys)."""
+        vendors = {"openai": self.openai, "openrouter": self.openrouter, "gemini": self.gemini}
+        vendors |= {"stability": self.stability, "recraft": self.recraft}
+        return tuple(name for name, vendor in vendors.items() if vendor.api_key is not None)
 
 
 @dataclass(frozen=True)
@@ -60,6 +124,7 @@ class Config:
     portrait_shutdown_grace_seconds: float
     portrait_provider_timeout_seconds: float
     portrait_step_timeout_seconds: float
+    providers: ProviderSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -102,6 +167,7 @@ class Config:
             ),
             portrait_provider_timeout_seconds=env_float(env, "PORTRAIT_PROVIDER_TIMEOUT_SECONDS", 90, minimum=0.1),
             portrait_step_timeout_seconds=env_float(env, "PORTRAIT_STEP_TIMEOUT_SECONDS", 10, minimum=0.1),
+            providers=ProviderSettings.from_env(env),
         )
 
 
@@ -111,6 +177,18 @@ def _provider_name(env: Mapping[str, str]) -> str:
         choices = ", ".join(PORTRAIT_PROVIDERS)
         raise ConfigError("PORTRAIT_PROVIDER", f"must be one of {choices}, got {name!r}")
     return name
+
+
+def _base_url(env: Mapping[str, str], name: str, default: str) -> str:
+    url = env_str(env, name, default)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ConfigError(name, "is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, f"must be an http(s) URL such as {default}")
+    return url.rstrip("/")
 
 
 def _optional(env: Mapping[str, str], name: str) -> str | None:

@@ -26,7 +26,8 @@ from services.image.portraits.domain import (
 )
 from services.image.portraits.messaging import DeadLetters, PortraitConsumerSettings, portrait_consumer
 from services.image.portraits.story_client import StoryClient
-from services.image.providers import build_portrait_provider
+from services.image.providers import build_generation_providers, build_portrait_provider
+from services.image.routing import BreakerSettings, ProviderRouter
 from shared.auth import AuthInterceptor
 from shared.db import close_pool, create_pool
 from shared.grpc_server import RunningServer, ServiceSpec, serve_main, start_grpc_server
@@ -69,7 +70,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         provider_budget_seconds=config.portrait_attempt_budget_seconds,
     )
     _start_consumers(config, deps, stack)
-    servicer = ImageServicer(objects)
+    servicer = ImageServicer(objects, models=provider_router(config, http))
     server = await start_grpc_server(
         listen_addr=config.listen_addr,
         services=[
@@ -85,6 +86,14 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     # Stopping twice is harmless; this covers callers (tests) that only close the stack.
     stack.push_async_callback(server.stop, 0)
     return server
+
+
+def provider_router(config: Config, http: httpx.AsyncClient | None = None) -> ProviderRouter:
+    """Generation jobs' providers: local/sketch and every vendor whose key is set."""
+    settings = config.providers
+    breaker = BreakerSettings(settings.breaker_failure_threshold, settings.breaker_cool_down_seconds)
+    log.info("providers.configured", extra={"providers": ["local", *settings.configured()]})
+    return ProviderRouter(build_generation_providers(settings, client=http), breaker=breaker)
 
 
 async def _open_database(config: Config, stack: contextlib.AsyncExitStack) -> asyncpg.Pool:

@@ -92,6 +92,14 @@ class FakeRecraft(FakeHttpServer):
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.json_response({"code": "not_authenticated", "message": "Invalid API token"}, status=401)
         body = await request.json()
+        count = body.get("n", 1)
+        if not isinstance(count, int) or not 1 <= count <= 6:
+            return web.json_response({"code": "invalid_n", "message": "n must be between 1 and 6"}, status=400)
+        items = [self._image_item(body) for _ in range(count)]
+        # Recraft V3 costs 40 API units a raster image.
+        return web.json_response({"created": int(time.time()), "credits": 40 * count, "data": items})
+
+    def _image_item(self, body: dict) -> dict:
         data = make_png(*self._size_for(body.get("size", "1024x1024")))
         image_id = uuid.uuid4().hex
         self.images[image_id] = data
@@ -100,7 +108,7 @@ class FakeRecraft(FakeHttpServer):
             item["b64_json"] = base64.b64encode(data).decode()
         else:
             item["url"] = self.file_url(image_id)
-        return web.json_response({"created": int(time.time()), "credits": 40, "data": [item]})
+        return item
 
     def _size_for(self, size: str) -> tuple[int, int]:
         if self.image_size is not None:

@@ -65,3 +65,45 @@ def test_bad_settings_stop_start_up_naming_the_variable(overrides, variable):
 
     assert caught.value.name == variable
     assert "t-gateway" not in str(caught.value)
+
+
+def test_provider_settings_default_to_the_vendors_documented_urls_and_no_keys():
+    providers = Config.from_env({"AUTH_TOKENS": TOKENS}).providers
+
+    assert providers.configured() == ()
+    assert providers.openai.base_url == "https://api.openai.com/v1"
+    assert providers.openrouter.base_url == "https://openrouter.ai/api/v1"
+    assert providers.gemini.base_url == "https://generativelanguage.googleapis.com/v1beta"
+    assert providers.stability.base_url == "https://api.stability.ai"
+    assert providers.recraft.base_url == "https://external.api.recraft.ai/v1"
+    assert (providers.breaker_failure_threshold, providers.breaker_cool_down_seconds) == (5, 30)
+
+
+def test_provider_keys_are_secrets_and_gemini_takes_either_name():
+    env = {"AUTH_TOKENS": TOKENS, "OPENAI_API_KEY": "sk-one", "GOOGLE_API_KEY": "g-two", "STABILITY_API_KEY": "st-3",
+           "OPENROUTER_BASE_URL": "http://127.0.0.1:8080/api/v1/"}  # fmt: skip
+    config = Config.from_env(env)
+
+    assert config.providers.configured() == ("openai", "gemini", "stability")
+    assert config.providers.gemini.api_key.reveal() == "g-two"
+    assert config.providers.openrouter.base_url == "http://127.0.0.1:8080/api/v1"
+    for secret in ("sk-one", "g-two", "st-3"):
+        assert secret not in repr(config)
+    both = Config.from_env({**env, "GEMINI_API_KEY": "g-one"})
+    assert both.providers.gemini.api_key.reveal() == "g-one"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [
+        ({"OPENAI_BASE_URL": "api.openai.com/v1"}, "OPENAI_BASE_URL"),
+        ({"GEMINI_BASE_URL": "ftp://example.com"}, "GEMINI_BASE_URL"),
+        ({"STABILITY_BASE_URL": "http://host:port"}, "STABILITY_BASE_URL"),
+        ({"PROVIDER_BREAKER_FAILURES": "0"}, "PROVIDER_BREAKER_FAILURES"),
+        ({"PROVIDER_BREAKER_COOL_DOWN_SECONDS": "never"}, "PROVIDER_BREAKER_COOL_DOWN_SECONDS"),
+    ],
+)
+def test_bad_provider_settings_stop_start_up_naming_the_variable(overrides, variable):
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({"AUTH_TOKENS": TOKENS, **overrides})
+    assert caught.value.name == variable

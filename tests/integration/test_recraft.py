@@ -175,3 +175,36 @@ async def test_the_key_never_reaches_the_logs(recraft, caplog):
     assert caplog.records, "failures should be logged"
     for record in caplog.records:
         assert KEY not in str(record.__dict__)
+
+
+# ---------------------------------------------------------------- the jobs' interface
+
+
+def job_request(count: int = 1, width: int = 1024, height: int = 1024):
+    from services.image.providers import GenerationRequest
+
+    return GenerationRequest("recraft/recraftv3", PROMPT, width, height, count=count)
+
+
+async def test_a_job_asks_for_n_images_and_is_costed_by_recraft_credits(recraft):
+    from services.image.providers import RecraftClient
+
+    recraft.image_size = None
+    client = RecraftClient(KEY, recraft.api_base_url, downloader=ImageDownloader(allow_private=True))
+
+    result = await client.generate(job_request(count=4, width=1365, height=1024))
+
+    body = recraft.requests_to(GENERATIONS_PATH)[0].json()
+    assert (body["n"], body["size"], body["model"]) == (4, "1365x1024", "recraftv3")
+    assert [(image.width, image.height) for image in result.images] == [(1365, 1024)] * 4
+    # 40 API units an image at $1 per 1,000 units.
+    assert (result.provider, result.cost_microdollars) == ("recraft", 4 * 40 * 1000)
+
+
+async def test_one_image_keeps_the_documented_four_field_body(recraft):
+    from services.image.providers import RecraftClient
+
+    client = RecraftClient(KEY, recraft.api_base_url, downloader=ImageDownloader(allow_private=True))
+    result = await client.generate(job_request())
+    assert "n" not in recraft.requests_to(GENERATIONS_PATH)[0].json()
+    assert result.cost_microdollars == 40_000

@@ -124,3 +124,54 @@ def test_recraft_repr_hides_the_key():
 def test_unknown_provider_names_the_variable():
     with pytest.raises(ValueError, match="PORTRAIT_PROVIDER"):
         build_portrait_provider("dalle", recraft_api_key=None, recraft_base_url=None, allow_private_downloads=False)
+
+
+# ---------------------------------------------------------------- local/sketch for jobs
+
+
+def sketch_request(**fields):
+    from services.image.providers import GenerationRequest
+
+    return GenerationRequest(**{"model": "local/sketch", "prompt": PROMPT, "width": 96, "height": 64, **fields})
+
+
+async def test_sketch_makes_count_distinct_images_of_the_size_asked():
+    from services.image.providers import SketchRenderer
+
+    result = await SketchRenderer().generate(sketch_request(count=3))
+    assert [decode(image.data).size for image in result.images] == [(96, 64)] * 3
+    assert len({image.data for image in result.images}) == 3
+    assert (result.provider, result.cost_microdollars) == ("local", 0)
+    again = await SketchRenderer().generate(sketch_request(count=3))
+    assert [image.data for image in again.images] == [image.data for image in result.images]
+
+
+async def test_sketch_streams_coarse_previews_before_the_final_picture():
+    from services.image.providers import SketchRenderer
+
+    seen = []
+
+    async def on_preview(preview) -> None:
+        seen.append((preview.index, decode(preview.image.data).size))
+
+    result = await SketchRenderer().generate(sketch_request(width=512, height=256), on_preview=on_preview)
+    assert seen == [(0, (64, 32)), (1, (128, 64))]
+    assert decode(result.images[0].data).size == (512, 256)
+
+
+@pytest.mark.parametrize("operation", ["inpaint", "outpaint", "variation", "remove_background", "restyle"])
+async def test_sketch_runs_every_edit_operation_on_the_source(operation):
+    from services.image.catalog import EditOperation
+    from services.image.providers import EditInstructions, ImageInput, SketchRenderer
+    from tests.fakes.image_api import png_of_size
+
+    source = png_of_size(80, 80, (200, 10, 10))
+    edit = EditInstructions(EditOperation(operation), ImageInput(source))
+    result = await SketchRenderer().generate(sketch_request(edit=edit))
+    [image] = result.images
+    picture = decode(image.data)
+    assert picture.size == (96, 64)
+    plain = decode((await SketchRenderer().generate(sketch_request())).images[0].data)
+    assert ImageChops.difference(picture.convert("RGB"), plain.convert("RGB")).getbbox() is not None
+    if operation == "remove_background":
+        assert picture.mode == "RGBA" and picture.getpixel((0, 0))[3] == 0

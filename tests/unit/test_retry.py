@@ -201,3 +201,33 @@ async def test_real_sleep_and_clock_by_default():
     )
     assert result == "done"
     assert operation.calls == 2
+
+
+# ---------------------------------------------------------------- parse_retry_after
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, None), ("", None), ("  ", None), ("3", 3.0), (" 2.5 ", 2.5), ("-4", 0.0), ("soon", None),
+        ("inf", None), ("nan", None), ("1e400", None),
+        ("Wed, 21 Oct 2015 07:28:10 GMT", 10.0),  # ten seconds after the fake `now`
+        ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # a date in the past: no wait
+        ("Wed, 21 Oct 2015 07:28:10", None),  # no zone: not an HTTP date
+    ],
+)
+def test_parse_retry_after(header, seconds):
+    from datetime import UTC, datetime
+
+    from shared.retry import parse_retry_after
+
+    now = datetime(2015, 10, 21, 7, 28, 0, tzinfo=UTC).timestamp()
+    assert parse_retry_after(header, now=lambda: now) == seconds
+
+
+def test_one_parser_serves_both_services():
+    from services.image.providers import base as providers_base
+    from services.story.writers import base as writers_base
+    from shared.retry import parse_retry_after
+
+    assert providers_base.parse_retry_after is writers_base.parse_retry_after is parse_retry_after

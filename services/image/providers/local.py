@@ -1,4 +1,9 @@
-"""The `local` provider: draws a deterministic portrait from the prompt, no network, no key."""
+"""The `local` provider (model local/sketch): draws deterministic pictures from the prompt.
+
+No network and no key, so the whole system runs anywhere: it generates, edits (every
+operation, by blending its drawing with the source) and streams coarse previews before
+the final picture, like the vendors that stream.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +12,128 @@ import hashlib
 import io
 import random
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from services.image.providers.base import GeneratedImage, ProviderError
+from services.image.catalog import EditOperation, ProviderName
+from services.image.providers.base import (
+    EditInstructions,
+    GeneratedImage,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequest,
+    PortraitAdapter,
+    Preview,
+    PreviewCallback,
+    deliver_preview,
+)
+from services.image.providers.download import image_from_bytes
 
+# What the renderer can draw; the catalog offers jobs 64..2048 of it.
 MIN_SIDE = 16
 MAX_SIDE = 4096
 CAPTION_WORDS = 6
+# Previews are drawn at these fractions of the final size, coarsest first.
+PREVIEW_SCALES = (8, 4)
+MAX_IMAGES_PER_CALL = 10
 
 
-class LocalProvider:
-    """Same (prompt, width, height) gives byte-identical PNGs; different prompts look different."""
+class SketchRenderer:
+    """The same request gives byte-identical PNGs; different prompts look different."""
 
-    name = "local"
+    name = ProviderName.LOCAL
 
     async def generate(
-        self, *, prompt: str, width: int = 1024, height: int = 1024, model: str | None = None
-    ) -> GeneratedImage:
-        if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
-            raise ProviderError(
-                f"width and height must be between {MIN_SIDE} and {MAX_SIDE}", transient=False
-            )
+        self, request: GenerationRequest, *, on_preview: PreviewCallback | None = None
+    ) -> GenerationResult:
+        _check_size(request.width, request.height)
+        if not 1 <= request.count <= MAX_IMAGES_PER_CALL:
+            raise InvalidRequest(f"local: count must be 1 to {MAX_IMAGES_PER_CALL}", provider=self.name)
+        if on_preview is not None:
+            for index, scale in enumerate(PREVIEW_SCALES):
+                preview = await asyncio.to_thread(_render_one, request, 0, scale)
+                await deliver_preview(on_preview, Preview(preview, index), self.name)
         # Drawing a 1024x1024 picture takes tens of milliseconds: keep it off the event loop.
-        data = await asyncio.to_thread(render_portrait, prompt, width, height)
-        return GeneratedImage(data=data, content_type="image/png", width=width, height=height)
+        images = [await asyncio.to_thread(_render_one, request, index, 1) for index in range(request.count)]
+        return GenerationResult(tuple(images), provider=self.name, model=request.model, cost_microdollars=0)
+
+
+class LocalProvider(PortraitAdapter):
+    """The portrait pipeline's `local` painter: local/sketch, one picture per call."""
+
+    def __init__(self) -> None:
+        super().__init__(SketchRenderer(), "local/sketch")
+        self.name = "local"
+
+
+def _check_size(width: int, height: int) -> None:
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise InvalidRequest(f"width and height must be between {MIN_SIDE} and {MAX_SIDE}", provider="local")
+
+
+def _render_one(request: GenerationRequest, index: int, scale: int) -> GeneratedImage:
+    width, height = max(1, request.width // scale), max(1, request.height // scale)
+    # The first image of a plain request is the portrait the `local` painter always drew.
+    seed_text = request.prompt if index == 0 else f"{request.prompt}\x00{index}"
+    drawing = _render_image(seed_text, max(width, MIN_SIDE), max(height, MIN_SIDE))
+    if drawing.size != (width, height):
+        drawing = drawing.resize((width, height))
+    if request.edit is not None:
+        drawing = _apply_edit(drawing, request.edit, index)
+    data = _png_bytes(drawing)
+    return GeneratedImage(data=data, content_type="image/png", width=width, height=height)
+
+
+def _apply_edit(drawing: Image.Image, edit: EditInstructions, index: int) -> Image.Image:
+    """Blends the drawing with the source the way each operation changes a picture."""
+    source = _open_rgba(edit.source.data)
+    size = drawing.size
+    operation = edit.operation
+    if operation is EditOperation.OUTPAINT:
+        canvas = drawing.convert("RGBA")
+        fitted = ImageOps.contain(source, (max(1, size[0] * 3 // 4), max(1, size[1] * 3 // 4)))
+        canvas.alpha_composite(fitted, ((size[0] - fitted.width) // 2, (size[1] - fitted.height) // 2))
+        return canvas.convert("RGB")
+    source = source.resize(size)
+    if operation is EditOperation.INPAINT:
+        # Transparent mask pixels are repainted, as in OpenAI's convention.
+        mask = _open_rgba(edit.mask).resize(size).getchannel("A") if edit.mask else _centre_mask(size)
+        return Image.composite(source.convert("RGB"), drawing, mask)
+    if operation is EditOperation.VARIATION:
+        return Image.blend(source.convert("RGB"), drawing, 0.35 + 0.1 * (index % 3))
+    if operation is EditOperation.REMOVE_BACKGROUND:
+        cut = source.copy()
+        cut.putalpha(_subject_mask(size))
+        return cut
+    # RESTYLE: the source's shapes in the drawing's palette.
+    edges = source.convert("L").filter(ImageFilter.FIND_EDGES)
+    return Image.composite(drawing, ImageOps.posterize(source.convert("RGB"), 3), ImageOps.invert(edges))
+
+
+def _open_rgba(data: bytes) -> Image.Image:
+    # Checked like any provider image first: only PNG, JPEG, GIF and WEBP get to Pillow.
+    image_from_bytes(data)
+    with Image.open(io.BytesIO(data)) as opened:
+        return opened.convert("RGBA")
+
+
+def _centre_mask(size: tuple[int, int]) -> Image.Image:
+    """Without a mask, the middle of the picture is repainted (L mode: 255 keeps the source)."""
+    mask = Image.new("L", size, 255)
+    ImageDraw.Draw(mask).ellipse((size[0] // 4, size[1] // 4, size[0] * 3 // 4, size[1] * 3 // 4), fill=0)
+    return mask
+
+
+def _subject_mask(size: tuple[int, int]) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).ellipse((size[0] // 6, size[1] // 8, size[0] * 5 // 6, size[1] * 9 // 8), fill=255)
+    return mask.filter(ImageFilter.GaussianBlur(max(1, min(size) // 40)))
 
 
 def render_portrait(prompt: str, width: int, height: int) -> bytes:
+    return _png_bytes(_render_image(prompt, width, height))
+
+
+def _render_image(prompt: str, width: int, height: int) -> Image.Image:
     digest = hashlib.sha256(prompt.encode("utf-8")).digest()
     rng = random.Random(digest)
     image = _background(digest, width, height)
@@ -42,7 +142,7 @@ def render_portrait(prompt: str, width: int, height: int) -> bytes:
     _draw_silhouette(draw, rng, digest, width, height)
     image = _vignette(image)
     _draw_caption(ImageDraw.Draw(image), prompt, width, height)
-    return _png_bytes(image)
+    return image
 
 
 def _background(digest: bytes, width: int, height: int) -> Image.Image:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import email.utils
-import time
 from collections.abc import Mapping
 from typing import Any, Protocol
+
+# One Retry-After parser for every service; kept importable from here for the writers.
+from shared.retry import parse_retry_after
+
+__all__ = ["StoryWriter", "WriterError", "parse_retry_after"]
 
 MAX_REASON_CHARS = 200
 
@@ -46,18 +49,3 @@ class WriterError(Exception):
         # The provider's own error object, so a writer can adapt to what the API refused.
         self.api_error = api_error
         super().__init__(self.reason)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After is either delta-seconds or an HTTP date (RFC 9110 section 10.2.3)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value.strip()))
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - time.time())

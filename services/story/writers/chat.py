@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 
-from services.story.writers.base import WriterError, parse_retry_after
+from services.story.writers.base import WriterError
 from services.story.writers.story_json import GENDERS, StoryJsonError, read_story
-from shared.retry import call_with_retries
+from shared.retry import call_with_retries, parse_retry_after
 
 log = logging.getLogger(__name__)
 

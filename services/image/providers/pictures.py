@@ -1,0 +1,89 @@
+"""Pictures prepared for provider calls: a source as PNG, an outpaint canvas and its mask,
+the aspect ratio a size is asked for by.
+
+Every input is first checked to be a PNG, JPEG, GIF or WEBP within the pixel limit (the
+downloader's check), so Pillow never parses anything else. Called in worker threads.
+"""
+
+from __future__ import annotations
+
+import io
+from math import gcd
+
+from PIL import Image, ImageOps
+
+from services.image.catalog import EditOperation
+from services.image.providers.download import image_from_bytes
+
+# How much of an outpaint canvas the source keeps: the rest is new picture.
+OUTPAINT_KEEP_FRACTION = 0.75
+
+
+def as_png(data: bytes) -> bytes:
+    """The image as an RGBA PNG (the bytes unchanged when they already are a PNG)."""
+    checked = image_from_bytes(data)
+    if checked.content_type == "image/png":
+        return data
+    with Image.open(io.BytesIO(data)) as image:
+        return _png(image.convert("RGBA"))
+
+
+def padded_canvas(data: bytes, width: int, height: int) -> tuple[bytes, bytes]:
+    """An outpaint canvas of width x height with the source in its middle, and the mask that
+    marks the transparent border as the area to paint (OpenAI's convention: alpha 0 = edit)."""
+    image_from_bytes(data)
+    with Image.open(io.BytesIO(data)) as opened:
+        source = opened.convert("RGBA")
+    room = (max(1, int(width * OUTPAINT_KEEP_FRACTION)), max(1, int(height * OUTPAINT_KEEP_FRACTION)))
+    fitted = ImageOps.contain(source, room)
+    canvas = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    canvas.alpha_composite(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
+    mask = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    mask.paste((0, 0, 0, 255), (*_offset(canvas, fitted), *_end(canvas, fitted)))
+    return _png(canvas), _png(mask)
+
+
+def _offset(canvas: Image.Image, fitted: Image.Image) -> tuple[int, int]:
+    return (canvas.width - fitted.width) // 2, (canvas.height - fitted.height) // 2
+
+
+def _end(canvas: Image.Image, fitted: Image.Image) -> tuple[int, int]:
+    left, top = _offset(canvas, fitted)
+    return left + fitted.width, top + fitted.height
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def aspect_ratio(width: int, height: int) -> str:
+    """The nearest of the ratios Gemini and OpenRouter take, e.g. 1344x768 -> "16:9"."""
+    divisor = gcd(width, height) or 1
+    exact = f"{width // divisor}:{height // divisor}"
+    if exact in _RATIOS:
+        return exact
+    target = width / height
+    return min(_RATIOS, key=lambda ratio: abs(_RATIOS[ratio] - target))
+
+
+_RATIOS = {
+    ratio: int(ratio.split(":")[0]) / int(ratio.split(":")[1])
+    for ratio in ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
+}
+
+
+# What a conversational model (Gemini, through OpenRouter or not; GPT Image's edits) is told
+# each operation means; the player's prompt follows.
+EDIT_INSTRUCTIONS = {
+    EditOperation.INPAINT: "Edit this picture: repaint only the area the mask leaves transparent.",
+    EditOperation.OUTPAINT: "Extend this picture beyond its borders to a {width}x{height} frame, keeping what is there.",
+    EditOperation.VARIATION: "Make a new variation of this picture, with the same subject and mood.",
+    EditOperation.REMOVE_BACKGROUND: "Remove the background of this picture entirely; keep only the subject.",
+    EditOperation.RESTYLE: "Redraw this picture with the same composition, in this style:",
+}
+
+
+def edit_prompt(operation: EditOperation, prompt: str, width: int, height: int) -> str:
+    return f"{EDIT_INSTRUCTIONS[operation].format(width=width, height=height)} {prompt}".strip()
