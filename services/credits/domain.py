@@ -14,6 +14,7 @@ retry with the same key runs the request afresh.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -341,8 +342,13 @@ def _canonical_charge_id(charge_id: str) -> str | None:
 async def _connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection; a lost or refused database becomes CreditsUnavailable."""
     try:
-        async with pool.acquire(timeout=_ACQUIRE_TIMEOUT_SECONDS) as conn:
+        # asyncio.timeout, not acquire(timeout=...): that one spawns a task per call.
+        async with asyncio.timeout(_ACQUIRE_TIMEOUT_SECONDS):
+            conn = await pool.acquire()
+        try:
             yield conn
+        finally:
+            await pool.release(conn)
     except Exception as error:
         if not storage.is_unavailable(error):
             raise
