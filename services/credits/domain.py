@@ -795,7 +795,7 @@ def _page_token_seq(user_id: str, token: str) -> int:
     if not isinstance(decoded, dict) or not isinstance(decoded.get("u"), str):
         raise not_ours
     seq = decoded.get("s")
-    if type(seq) is not int or seq <= 0:
+    if type(seq) is not int or not 0 < seq <= _INT64_MAX:
         raise not_ours
     if decoded["u"] != _user_digest(user_id):
         raise InvalidRequest([("page_token", "belongs to another user's list; list this user without a page_token")])

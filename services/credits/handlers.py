@@ -18,6 +18,7 @@ from casefile.credits.v1 import credits_service_pb2_grpc as pb_grpc
 from services.credits import domain
 from shared.auth import allow
 from shared.grpc_errors import ErrorTable
+from shared.grpc_server import add_strictly_decoded
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def register(servicer: CreditsServicer) -> Callable[[grpc.aio.Server], None]:
     """The ServiceSpec.register callback for this servicer."""
 
     def add_to(server: grpc.aio.Server) -> None:
-        pb_grpc.add_CreditsServiceServicer_to_server(servicer, server)
+        add_strictly_decoded(server, pb.DESCRIPTOR.services_by_name["CreditsService"], servicer)
 
     return add_to
 

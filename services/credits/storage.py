@@ -171,11 +171,18 @@ _ENTRY_COLUMNS = """
 
 
 async def ledger_page(conn: asyncpg.Connection, user_id: str, *, before_seq: int | None, limit: int) -> list[asyncpg.Record]:
-    """Newest first; keyed on seq, so pages never skip or repeat an entry."""
+    """Newest first; keyed on seq, so pages never skip or repeat an entry, and a deep page
+    starts where it begins in the (user_id, seq) index rather than filtering its way there."""
+    if before_seq is None:
+        return await conn.fetch(
+            f"SELECT {_ENTRY_COLUMNS} FROM credits.ledger_entries WHERE user_id = $1 ORDER BY seq DESC LIMIT $2",
+            user_id,
+            limit,
+        )
     return await conn.fetch(
         f"""
         SELECT {_ENTRY_COLUMNS} FROM credits.ledger_entries
-        WHERE user_id = $1 AND ($2::bigint IS NULL OR seq < $2)
+        WHERE user_id = $1 AND seq < $2
         ORDER BY seq DESC
         LIMIT $3
         """,

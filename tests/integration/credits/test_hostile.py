@@ -5,6 +5,8 @@ every example."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import uuid
 from dataclasses import dataclass, field
 
@@ -41,6 +43,13 @@ int64s = st.one_of(
 int32s = st.one_of(st.sampled_from([0, 1, -1, 10, 100, 101, 2**31 - 1, -(2**31)]), st.integers(-(2**31), 2**31 - 1))
 page_tokens = st.one_of(
     texts,
+    # Well-formed tokens of u1's list, with any number in them.
+    st.builds(
+        lambda seq: base64.urlsafe_b64encode(
+            json.dumps({"u": hashlib.sha256(b"u1").hexdigest()[:16], "s": seq}).encode()
+        ).decode(),
+        st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=5)),
+    ),
     st.binary(max_size=64).map(lambda raw: base64.urlsafe_b64encode(raw).decode()),
     st.builds(lambda payload: base64.urlsafe_b64encode(payload.encode()).decode(), any_text),
 )
@@ -79,6 +88,20 @@ async def test_hostile_requests_never_get_internal_or_unknown(credits, database_
             assert details.violations, f"{method}: INVALID_ARGUMENT names no field: {details}"
         if details.code in CODES_WITH_A_REASON:
             assert details.reason and details.domain == "credits.casefile", f"{method}: no ErrorInfo: {details}"
+    await assert_ledger_holds(database_url)
+
+
+@pytest.mark.parametrize("method", sorted(REQUESTS))
+@settings(max_examples=25)
+@given(raw=st.one_of(st.binary(max_size=300), st.just(b"\x0a\x02\xff\xfe"), st.just(b"\xff" * 12)))
+async def test_request_bytes_that_are_no_message_never_get_internal_or_unknown(credits, database_url, method, raw):
+    call = credits.channel.unary_unary(f"/casefile.credits.v1.CreditsService/{method}")
+
+    try:
+        await call(raw, metadata=credits.as_caller("admin"), timeout=10)
+    except grpc.aio.AioRpcError as error:
+        details = details_of(error)
+        assert details.code not in NEVER, f"{method} {raw!r} -> {details}"
     await assert_ledger_holds(database_url)
 
 
