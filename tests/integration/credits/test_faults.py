@@ -87,16 +87,25 @@ async def assert_acknowledged_in_ledger(db, burst: Burst) -> None:
         assert (row["request_id"], row["balance_after"]) == (request_id, answer.balance)
 
 
+async def started(start_service, env: dict[str, str]):
+    process = start_service("credits", env)
+    await process.wait_healthy(env["CREDITS_ADDR"])
+    return process
+
+
+async def fund_users(credits: CreditsUnderTest) -> None:
+    for user in USERS:
+        await credits.grant(user, 1_000_000, f"fund-{user}")
+
+
 async def test_kill_9_during_a_burst_loses_no_acknowledged_charge(start_service, database_url, auth_tokens, db):
     env = service_env(database_url, auth_tokens, **UNLIMITED)
     addr = env["CREDITS_ADDR"]
-    process = start_service("credits", env)
-    await process.wait_healthy(addr)
+    process = await started(start_service, env)
     burst, stop = Burst(), asyncio.Event()
 
     async with credits_client(addr, auth_tokens) as credits:
-        for user in USERS:
-            await credits.grant(user, 1_000_000, f"fund-{user}")
+        await fund_users(credits)
         running = asyncio.create_task(run_burst(credits, burst, stop))
         await wait_for(lambda: len(burst.answers) >= 150)
         process.kill()
@@ -104,8 +113,7 @@ async def test_kill_9_during_a_burst_loses_no_acknowledged_charge(start_service,
         stop.set()
         await running
 
-    restarted = start_service("credits", env)
-    await restarted.wait_healthy(addr)
+    await started(start_service, env)
     async with credits_client(addr, auth_tokens) as credits:
         await assert_ledger_holds(database_url)
         await assert_acknowledged_in_ledger(db, burst)
@@ -125,13 +133,10 @@ async def test_postgres_cut_during_a_burst_is_unavailable_never_internal_and_rec
 ):
     async with postgres_proxy(database_url) as proxy:
         env = service_env(through_proxy(database_url, proxy), auth_tokens, **UNLIMITED)
-        addr = env["CREDITS_ADDR"]
-        process = start_service("credits", env)
-        await process.wait_healthy(addr)
+        process = await started(start_service, env)
         burst, stop = Burst(), asyncio.Event()
-        async with credits_client(addr, auth_tokens) as credits:
-            for user in USERS:
-                await credits.grant(user, 1_000_000, f"fund-{user}")
+        async with credits_client(env["CREDITS_ADDR"], auth_tokens) as credits:
+            await fund_users(credits)
             running = asyncio.create_task(run_burst(credits, burst, stop))
             await wait_for(lambda: len(burst.answers) >= 100)
             await proxy.cut()
@@ -163,8 +168,7 @@ async def test_other_methods_are_unavailable_while_postgres_is_cut(start_service
     }
     async with postgres_proxy(database_url) as proxy:
         env = service_env(through_proxy(database_url, proxy), auth_tokens)
-        process = start_service("credits", env)
-        await process.wait_healthy(env["CREDITS_ADDR"])
+        await started(start_service, env)
         async with credits_client(env["CREDITS_ADDR"], auth_tokens) as credits:
             await proxy.cut()
             details = await credits.refused(method, requests[method])
