@@ -38,6 +38,23 @@ CREATE TABLE credits.requests (
     PRIMARY KEY (user_id, request_id)
 );
 
+-- The append-only guard now names whichever table it guards (it guards three below).
+CREATE OR REPLACE FUNCTION credits.refuse_ledger_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '%.% is append-only: % is not allowed', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END;
+$$;
+
+-- What was answered stays answered: a record is never rewritten or removed.
+CREATE TRIGGER requests_append_only
+    BEFORE UPDATE OR DELETE ON credits.requests
+    FOR EACH ROW EXECUTE FUNCTION credits.refuse_ledger_change();
+CREATE TRIGGER requests_no_truncate
+    BEFORE TRUNCATE ON credits.requests
+    FOR EACH STATEMENT EXECUTE FUNCTION credits.refuse_ledger_change();
+
 -- A charge's request_id names that charge whoever the user: the same key with another user
 -- is a caller's mix-up, refused like other arguments. (Refunds and the rest are keyed per
 -- user only: two users' refunds may share a request_id.)

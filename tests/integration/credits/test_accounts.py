@@ -147,7 +147,7 @@ async def test_call_without_a_known_token_is_unauthenticated(credits, db, metada
 async def test_database_refuses_to_change_or_delete_ledger_entries(credits, db):
     await get_account(credits, "auditor")
 
-    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="credits.ledger_entries is append-only"):
         await db.execute("UPDATE credits.ledger_entries SET amount = 5000")
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
         await db.execute("DELETE FROM credits.ledger_entries")
@@ -156,6 +156,18 @@ async def test_database_refuses_to_change_or_delete_ledger_entries(credits, db):
 
     rows = await ledger_rows(db, "auditor")
     assert [(r["kind"], r["amount"]) for r in rows] == [("GRANT", 1000)]
+
+
+@pytest.mark.parametrize("table", ["requests", "storage_entries"])
+async def test_database_refuses_to_change_or_delete_request_records_and_storage_moves(credits, db, table):
+    await get_account(credits, "auditor")
+    await credits.call("ReserveStorage", pb.ReserveStorageRequest(user_id="auditor", bytes=10, request_id="r-1"),
+                       "image")
+
+    for statement in (f"UPDATE credits.{table} SET user_id = user_id", f"DELETE FROM credits.{table}",
+                      f"TRUNCATE credits.{table}"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=f"credits.{table} is append-only"):
+            await db.execute(statement)
 
 
 async def test_database_refuses_a_negative_balance(credits, db):
