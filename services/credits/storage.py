@@ -309,7 +309,9 @@ remembered AS (
     FROM entry
 )
 SELECT prior.user_id, prior.operation, prior.parameters, prior.outcome, prior.answer,
-       EXISTS (SELECT FROM credits.accounts WHERE user_id = $1) AS account_exists,
+       -- Asked only when no token was taken (CASE does not evaluate what it does not need).
+       CASE WHEN EXISTS (SELECT FROM token) THEN true
+            ELSE EXISTS (SELECT FROM credits.accounts WHERE user_id = $1) END AS account_exists,
        EXISTS (SELECT FROM token) AS got_token,
        (SELECT entry_id::text FROM entry) AS charge_id,
        (SELECT balance_after FROM entry) AS balance

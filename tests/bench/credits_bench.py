@@ -2,7 +2,8 @@
 
 The credits service runs as a real process on a fresh database. The baseline is the bare
 transaction the same client sends straight to PostgreSQL over asyncpg: the conditional
-UPDATE of the balance and the ledger INSERT, with a pool as large as the service's. What the
+UPDATE of the balance and the ledger INSERT, with a pool made as the service makes its own
+(same size, no reset query on release), so that only the transaction is left. What the
 service adds on top (gRPC, auth, validation, the idempotency record, the rate limit, the
 log line) is what the ratio measures. Rounds alternate so that machine noise hits both.
 """
@@ -24,6 +25,7 @@ from casefile.credits.v1 import credits_service_pb2_grpc as pb_grpc
 from services.credits.config import Config
 from tests.bench.harness import AS_ADMIN, AS_IMAGE, base_env, bench_database, calls_per_second, paired_rates
 from tests.bench.report import Figure, ratio_figure
+from shared.db import create_pool
 from tools.infra import ServiceProcess, free_port
 
 CHARGE_AIM = "ratio >= 0.6"
@@ -64,7 +66,9 @@ async def run(args: argparse.Namespace) -> list[Figure]:
         try:
             await service.wait_healthy(env["CREDITS_ADDR"])
             async with grpc.aio.insecure_channel(env["CREDITS_ADDR"]) as channel:
-                pool = await asyncpg.create_pool(database_url, min_size=POOL_SIZE, max_size=POOL_SIZE)
+                # Configured as the service's pool (shared.db.create_pool, no reset query).
+                pool = await create_pool(database_url, min_size=POOL_SIZE, max_size=POOL_SIZE,
+                                         application_name="casefile-bench-raw", reset_session_state=False)
                 try:
                     return await measure(pb_grpc.CreditsServiceStub(channel), pool, args)
                 finally:
