@@ -141,6 +141,11 @@ _LEDGER_RULES = {
             FROM credits.storage_entries) AS chain
         WHERE running <> used_after OR used_after < 0
     """,
+    "storage is never negative, and every reservation stayed within its quota": """
+        SELECT user_id, storage_used_bytes FROM credits.accounts WHERE storage_used_bytes < 0
+        UNION ALL
+        SELECT user_id, used_after FROM credits.storage_entries WHERE kind = 'RESERVE' AND used_after > quota_bytes
+    """,
     "refunds of a charge are at most the charge, to the charge's user": """
         SELECT c.entry_id, -c.amount AS charged, sum(r.amount) AS refunded
         FROM credits.ledger_entries c JOIN credits.ledger_entries r ON r.refund_of = c.entry_id
