@@ -565,27 +565,49 @@ async def charge(
                                                        "charge_id": tried.charge_id, "amount": amount,
                                                        "balance": tried.balance})
                     return Answered(Charged(tried.charge_id, tried.balance))
-                if not tried.account_exists:
-                    await _open_account(conn, user_id)
-                    continue
-                if not tried.got_token:
-                    wait = await storage.seconds_until_next_token(
-                        conn, user_id, burst=limit.burst, rate_per_second=limit.per_second
-                    )
-                    log.info("credits.charge_rate_limited", extra={"user_id": user_id, "request_id": request_id,
-                                                                   "retry_after_seconds": wait})
-                    raise RateLimited(wait)
-                answer = await storage.remember_insufficient_credits(
-                    conn, user_id=user_id, request_id=request_id, amount=amount, parameters=parameters
+                refusal = await _charge_refusal(
+                    conn, limit, user_id=user_id, request_id=request_id, amount=amount, parameters=parameters
                 )
-                if answer is not None:
-                    log.info("credits.charge_refused", extra={"user_id": user_id, "request_id": request_id,
-                                                              "reason": InsufficientCredits.outcome, **answer})
-                    raise InsufficientCredits(answer["balance"], answer["cost"])
-                # A twin was recorded first, or credits arrived since: charge again.
+                if refusal is not None:
+                    raise refusal
+                # The account was just opened, a twin was recorded, or credits arrived: again.
         raise RequestContended()
 
     return await _retrying(attempt)
+
+
+async def _charge_refusal(
+    conn: asyncpg.Connection,
+    limit: ChargeRateLimit,
+    *,
+    user_id: str,
+    request_id: str,
+    amount: int,
+    parameters: Mapping[str, Any],
+) -> CreditsError | None:
+    """Why a charge moved nothing, decided under the account's row lock; None when the
+    charge should simply run again (the account was missing, or things changed)."""
+    async with conn.transaction():
+        state = await storage.lock_for_refusal(conn, user_id, burst=limit.burst, rate_per_second=limit.per_second)
+        if state is None:
+            await _open_account(conn, user_id)
+            return None
+        if not state.has_token:
+            log.info("credits.charge_rate_limited", extra={"user_id": user_id, "request_id": request_id,
+                                                           "retry_after_seconds": state.seconds_until_token})
+            return RateLimited(state.seconds_until_token)
+        if state.balance >= amount:
+            return None
+        answer = await storage.remember_insufficient_credits(
+            conn, user_id=user_id, request_id=request_id, balance=state.balance, amount=amount,
+            parameters=dict(parameters),
+        )
+        if answer is None:
+            return None
+        await storage.take_charge_token(conn, user_id, burst=limit.burst, rate_per_second=limit.per_second)
+    log.info("credits.charge_refused", extra={"user_id": user_id, "request_id": request_id,
+                                              "reason": InsufficientCredits.outcome, **answer})
+    return InsufficientCredits(answer["balance"], answer["cost"])
 
 
 # ---------------------------------------------------------------------------- Refund

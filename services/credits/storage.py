@@ -249,20 +249,20 @@ async def insert_request(
 
 # ---------------------------------------------------------------------------- Charge
 
-# The token bucket after refilling for the time since its last charge, capped at the burst.
-# $burst and $rate are the statement's parameters of those names (numbered by the caller).
-_REFILLED_TOKENS = (
-    "least({burst}, {bucket}.tokens + {rate} * greatest(0, extract(epoch FROM statement_timestamp() - {bucket}.refilled_at)))"
-)
+
+def _refilled_tokens(burst: str, rate: str) -> str:
+    """SQL for the account's token bucket refilled for the time since its last charge and
+    capped at the burst (NULL tokens: never charged, so full); burst and rate name the
+    statement's parameters."""
+    elapsed = "greatest(0, extract(epoch FROM statement_timestamp() - charge_tokens_at))"
+    return f"least({burst}::numeric, coalesce(charge_tokens + {rate}::numeric * {elapsed}, {burst}::numeric))"
 
 
 @dataclass(frozen=True)
 class ChargeAttempt:
-    """What the one-statement charge did: replayed, charged, refused, or found no account."""
+    """What the one-statement charge did: replayed a record, or charged, or neither."""
 
     prior: RecordedRequest | None
-    account_exists: bool
-    got_token: bool
     charge_id: str | None
     balance: int | None
 
@@ -276,23 +276,15 @@ WITH prior AS (
     ORDER BY user_id = $1 DESC
     LIMIT 1
 ),
--- One token from the user's bucket, unless this is a replay (which moves nothing) or the
--- account does not exist yet. No row back means the bucket is empty.
-token AS (
-    INSERT INTO credits.charge_buckets AS bucket (user_id, tokens, refilled_at)
-    SELECT $1, $5::numeric - 1, statement_timestamp() FROM credits.accounts
-    WHERE user_id = $1 AND NOT EXISTS (SELECT FROM prior)
-    ON CONFLICT (user_id) DO UPDATE
-        SET tokens = {_REFILLED_TOKENS.format(burst="$5::numeric", rate="$6::numeric", bucket="bucket")} - 1,
-            refilled_at = greatest(bucket.refilled_at, statement_timestamp())
-        WHERE {_REFILLED_TOKENS.format(burst="$5::numeric", rate="$6::numeric", bucket="bucket")} >= 1
-    RETURNING 1
-),
--- The conditional debit: concurrent charges queue on the row lock and each re-checks the
--- balance it finds, so none can take the balance below zero.
+-- The conditional debit, which also takes a token from the account's bucket. Concurrent
+-- charges queue on the row lock and each re-checks the balance and the bucket it finds, so
+-- none can take the balance below zero or pass the rate. A replay moves nothing.
 debit AS (
-    UPDATE credits.accounts SET balance = balance - $3::bigint, updated_at = now()
-    WHERE user_id = $1 AND balance >= $3::bigint AND EXISTS (SELECT FROM token)
+    UPDATE credits.accounts
+    SET balance = balance - $3::bigint, updated_at = now(),
+        charge_tokens = {_refilled_tokens("$5", "$6")} - 1, charge_tokens_at = statement_timestamp()
+    WHERE user_id = $1 AND balance >= $3::bigint AND {_refilled_tokens("$5", "$6")} >= 1
+      AND NOT EXISTS (SELECT FROM prior)
     RETURNING balance
 ),
 entry AS (
@@ -309,10 +301,6 @@ remembered AS (
     FROM entry
 )
 SELECT prior.user_id, prior.operation, prior.parameters, prior.outcome, prior.answer,
-       -- Asked only when no token was taken (CASE does not evaluate what it does not need).
-       CASE WHEN EXISTS (SELECT FROM token) THEN true
-            ELSE EXISTS (SELECT FROM credits.accounts WHERE user_id = $1) END AS account_exists,
-       EXISTS (SELECT FROM token) AS got_token,
        (SELECT entry_id::text FROM entry) AS charge_id,
        (SELECT balance_after FROM entry) AS balance
 FROM (SELECT) AS one LEFT JOIN prior ON true
@@ -336,47 +324,70 @@ async def charge(
     row = await conn.fetchrow(
         _CHARGE_SQL, user_id, request_id, amount, reference, burst, rate_per_second, json.dumps(parameters)
     )
-    return ChargeAttempt(
-        prior=_recorded(row),
-        account_exists=row["account_exists"],
-        got_token=row["got_token"],
-        charge_id=row["charge_id"],
-        balance=row["balance"],
+    return ChargeAttempt(prior=_recorded(row), charge_id=row["charge_id"], balance=row["balance"])
+
+
+@dataclass(frozen=True)
+class ChargeRefusal:
+    """Why a charge that moved nothing did not: read under the account's lock."""
+
+    balance: int
+    has_token: bool
+    seconds_until_token: float
+
+
+async def lock_for_refusal(
+    conn: asyncpg.Connection, user_id: str, *, burst: int, rate_per_second: Decimal
+) -> ChargeRefusal | None:
+    """The account's balance and bucket, its row locked; None when there is no account."""
+    tokens = _refilled_tokens("$2", "$3")
+    row = await conn.fetchrow(
+        f"""
+        SELECT balance, {tokens} >= 1 AS has_token, greatest(0, (1 - {tokens}) / $3::numeric) AS seconds_until_token
+        FROM credits.accounts WHERE user_id = $1
+        FOR NO KEY UPDATE
+        """,
+        user_id,
+        burst,
+        rate_per_second,
+    )
+    if row is None:
+        return None
+    return ChargeRefusal(row["balance"], row["has_token"], float(row["seconds_until_token"]))
+
+
+async def take_charge_token(conn: asyncpg.Connection, user_id: str, *, burst: int, rate_per_second: Decimal) -> None:
+    """A refused charge costs its token too, so refusals are rate-limited like charges."""
+    await conn.execute(
+        f"""
+        UPDATE credits.accounts
+        SET charge_tokens = greatest(0, {_refilled_tokens("$2", "$3")} - 1), charge_tokens_at = statement_timestamp()
+        WHERE user_id = $1
+        """,
+        user_id,
+        burst,
+        rate_per_second,
     )
 
 
 async def remember_insufficient_credits(
-    conn: asyncpg.Connection, *, user_id: str, request_id: str, amount: int, parameters: dict[str, Any]
+    conn: asyncpg.Connection, *, user_id: str, request_id: str, balance: int, amount: int, parameters: dict[str, Any]
 ) -> dict[str, Any] | None:
-    """Records the refusal with the balance that is short now; None when a twin request was
-    recorded first or the balance is no longer short (then the charge is simply run again)."""
+    """Records the refusal; None when a twin request was recorded first."""
     answer = await conn.fetchval(
         """
         INSERT INTO credits.requests (user_id, request_id, operation, parameters, outcome, answer)
-        SELECT $1, $2, 'CHARGE', $4::jsonb, 'INSUFFICIENT_CREDITS',
-               jsonb_build_object('balance', balance, 'cost', $3::bigint)
-        FROM credits.accounts
-        WHERE user_id = $1 AND balance < $3::bigint
+        VALUES ($1, $2, 'CHARGE', $5::jsonb, 'INSUFFICIENT_CREDITS', jsonb_build_object('balance', $3::bigint, 'cost', $4::bigint))
         ON CONFLICT (user_id, request_id) DO NOTHING
         RETURNING answer
         """,
         user_id,
         request_id,
+        balance,
         amount,
         json.dumps(parameters),
     )
     return None if answer is None else json.loads(answer)
-
-
-async def seconds_until_next_token(conn: asyncpg.Connection, user_id: str, *, burst: int, rate_per_second: Decimal) -> float:
-    refilled = _REFILLED_TOKENS.format(burst="$2::numeric", rate="$3::numeric", bucket="bucket")
-    wait = await conn.fetchval(
-        f"SELECT greatest(0, (1 - {refilled}) / $3::numeric) FROM credits.charge_buckets AS bucket WHERE user_id = $1",
-        user_id,
-        burst,
-        rate_per_second,
-    )
-    return float(wait) if wait is not None else 0.0
 
 
 # ---------------------------------------------------------------------------- storage

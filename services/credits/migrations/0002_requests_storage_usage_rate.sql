@@ -110,11 +110,12 @@ CREATE TABLE credits.generations (
     PRIMARY KEY (user_id, job_id)
 );
 
--- The token bucket of each user's charges, shared by every credits process. numeric keeps
--- fractions of a token exact; the bucket refills continuously at CHARGE_RATE_PER_SECOND up
--- to CHARGE_BURST, both applied when a charge arrives (so a new setting takes effect at once).
-CREATE TABLE credits.charge_buckets (
-    user_id     text        PRIMARY KEY REFERENCES credits.accounts (user_id),
-    tokens      numeric     NOT NULL CHECK (tokens >= 0),
-    refilled_at timestamptz NOT NULL
-);
+-- The token bucket of each user's charges, on the account row itself: a charge locks that
+-- row anyway, so taking a token costs no second row, lock or write. NULL means a full bucket
+-- (never charged). numeric keeps fractions of a token exact; the bucket refills continuously
+-- at CHARGE_RATE_PER_SECOND up to CHARGE_BURST, both applied when a charge arrives (a new
+-- setting takes effect at once), and every credits process shares it.
+ALTER TABLE credits.accounts
+    ADD COLUMN charge_tokens    numeric     CHECK (charge_tokens >= 0),
+    ADD COLUMN charge_tokens_at timestamptz,
+    ADD CONSTRAINT accounts_charge_bucket_whole CHECK ((charge_tokens IS NULL) = (charge_tokens_at IS NULL));

@@ -111,7 +111,7 @@ def postgres_proxy(database_url: str) -> TcpProxy:
 
 async def count_rows(db: asyncpg.Connection) -> dict[str, int]:
     """How many rows each credits table holds: "nothing written" is this, unchanged."""
-    tables = ("accounts", "ledger_entries", "requests", "storage_entries", "generations", "charge_buckets")
+    tables = ("accounts", "ledger_entries", "requests", "storage_entries", "generations")
     return {table: await db.fetchval(f"SELECT count(*) FROM credits.{table}") for table in tables}
 
 

@@ -38,6 +38,17 @@ async def test_over_the_burst_is_resource_exhausted_with_retry_info_and_charges_
     assert await db.fetchval("SELECT count(*) FROM credits.requests WHERE request_id = 'c-3'") == 0
 
 
+async def test_refused_charges_take_tokens_too(slow_credits):
+    too_dear = await slow_credits.refused("Charge", pb.ChargeRequest(user_id="u", amount=5000, reference="job:1",
+                                                                     request_id="too-dear"), "image")
+    for n in range(2):
+        await slow_credits.charge("u", 10, f"c-{n}")
+
+    limited = await slow_credits.refused("Charge", charge_request("c-2"), "image")
+
+    assert (too_dear.reason, limited.reason) == ("INSUFFICIENT_CREDITS", "RATE_LIMITED")
+
+
 async def test_replays_take_no_token(slow_credits):
     first = await slow_credits.charge("u", 10, "c-0")
 
@@ -64,7 +75,7 @@ async def test_the_bucket_refills_with_time_and_a_limited_request_id_can_be_retr
         await slow_credits.charge("u", 10, f"c-{n}")
     limited = await slow_credits.refused("Charge", charge_request("c-3"), "image")
     # Eight seconds pass for the bucket (rather than for the test): two tokens come back.
-    await db.execute("UPDATE credits.charge_buckets SET refilled_at = refilled_at - interval '8 seconds'")
+    await db.execute("UPDATE credits.accounts SET charge_tokens_at = charge_tokens_at - interval '8 seconds'")
 
     retried = await slow_credits.charge("u", 10, "c-3")
     fourth = await slow_credits.charge("u", 10, "c-4")
