@@ -80,14 +80,24 @@ class Paired:
     ratios: list[float]
 
 
+async def alternating_rates(measures: dict[str, Callable[[], Awaitable[float]]], rounds: int) -> dict[str, list[float]]:
+    """Each measure once per round, in turn, so that a burst of machine noise hits them all."""
+    rates: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            rates[name].append(await measure())
+    return rates
+
+
+def paired(values: list[float], baselines: list[float]) -> Paired:
+    ratios = [value / base for value, base in zip(values, baselines, strict=True)]
+    return Paired(statistics.median(values), statistics.median(baselines), statistics.median(ratios),
+                  [round(ratio, 3) for ratio in ratios])
+
+
 async def paired_rates(
     measured: Callable[[], Awaitable[float]], baseline: Callable[[], Awaitable[float]], rounds: int
 ) -> Paired:
     """Alternates baseline and measurement so that a burst of machine noise hits both."""
-    values, baselines = [], []
-    for _ in range(rounds):
-        baselines.append(await baseline())
-        values.append(await measured())
-    ratios = [value / base for value, base in zip(values, baselines, strict=True)]
-    return Paired(statistics.median(values), statistics.median(baselines), statistics.median(ratios),
-                  [round(ratio, 3) for ratio in ratios])
+    rates = await alternating_rates({"baseline": baseline, "measured": measured}, rounds)
+    return paired(rates["measured"], rates["baseline"])
