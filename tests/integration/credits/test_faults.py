@@ -78,6 +78,16 @@ async def replay_all(credits: CreditsUnderTest, burst: Burst) -> dict[str, objec
     return replayed.answers
 
 
+async def assert_each_happened_once(db, burst: Burst) -> None:
+    """After the replays every request of the burst has exactly one ledger entry."""
+    counts = await db.fetch(
+        "SELECT request_id, count(*) AS entries FROM credits.ledger_entries WHERE request_id = ANY($1::text[])"
+        " GROUP BY request_id",
+        list(burst.sent),
+    )
+    assert {row["request_id"]: row["entries"] for row in counts} == dict.fromkeys(burst.sent, 1)
+
+
 async def assert_acknowledged_in_ledger(db, burst: Burst) -> None:
     for request_id, answer in burst.answers.items():
         entry_id = answer.charge_id if isinstance(answer, pb.ChargeResponse) else answer.refund_id
@@ -118,6 +128,7 @@ async def test_kill_9_during_a_burst_loses_no_acknowledged_charge(start_service,
         await assert_ledger_holds(database_url)
         await assert_acknowledged_in_ledger(db, burst)
         first_replay = await replay_all(credits, burst)
+        await assert_each_happened_once(db, burst)
         rows, balances = await count_rows(db), [(await credits.account(user)).balance for user in USERS]
         second_replay = await replay_all(credits, burst)
 
@@ -153,6 +164,7 @@ async def test_postgres_cut_during_a_burst_is_unavailable_never_internal_and_rec
             # A caller told UNAVAILABLE retries with the same request_id: the request then
             # happens once, whether or not it had committed before the cut.
             await replay_all(credits, burst)
+            await assert_each_happened_once(db, burst)
             rows = await count_rows(db)
             await replay_all(credits, burst)
             assert await count_rows(db) == rows
