@@ -41,7 +41,8 @@ test: $(STAMP) gen
 	$(PY) -m tools.infra ensure-postgres
 	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
-# Figures for the closing notes: ratios against a baseline measured in the same run.
+# Figures for the closing notes: ratios against a baseline measured in the same run; one
+# table, one JSON file under .run/bench/. `make bench BENCH_ARGS="--only credits"` runs one part.
 bench: $(STAMP) gen
 	$(PY) -m tools.infra ensure-postgres
-	$(PY) -m tests.bench.story_bench $(BENCH_ARGS)
+	$(PY) -m tests.bench $(BENCH_ARGS)

@@ -31,6 +31,10 @@ class DatabaseUnreachable(ConfigError):
 _TRANSIENT_CONNECT_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError)
 
 
+async def _keep_session_state(conn: asyncpg.Connection) -> None:
+    """A pool reset that sends nothing (asyncpg still rolls back an open transaction)."""
+
+
 async def create_pool(
     dsn: str | Secret[str],
     *,
@@ -38,11 +42,16 @@ async def create_pool(
     max_size: int = 10,
     application_name: str,
     connect_timeout: float = 15.0,
+    reset_session_state: bool = True,
 ) -> asyncpg.Pool:
     """A pool whose connections show `application_name` in pg_stat_activity.
 
     Keeps trying for `connect_timeout` while the server does not answer (services often
     start together with their database), then raises DatabaseUnreachable.
+
+    reset_session_state=False skips the query asyncpg sends on every release (RESET ALL,
+    UNLISTEN *, CLOSE ALL, pg_advisory_unlock_all()): a round trip per acquire, for a
+    service whose code never SETs, LISTENs, DECLAREs cursors or keeps advisory locks.
     """
     if isinstance(dsn, Secret):
         dsn = dsn.reveal()
@@ -55,6 +64,7 @@ async def create_pool(
                 max_size=max_size,
                 timeout=5,
                 server_settings={"application_name": application_name},
+                reset=None if reset_session_state else _keep_session_state,
             )
             break
         except _TRANSIENT_CONNECT_ERRORS as error:

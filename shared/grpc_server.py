@@ -7,15 +7,19 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shared.config import ConfigError
+from shared.grpc_errors import abort, invalid_argument
 from shared.logs import configure_logging
 from shared.reflection import enable_reflection
 
@@ -76,6 +80,51 @@ async def start_grpc_server(
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server=server, port=port, health=health_servicer)
+
+
+def add_strictly_decoded(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
+    """Registers `servicer` as the generated add_XServicer_to_server does, except that a
+    request whose bytes do not parse as its message is INVALID_ARGUMENT (grpc's own
+    deserializer makes that UNKNOWN). Unary and server-streaming methods."""
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming:
+            raise ValueError(f"{method.full_name}: client streaming is not supported here")
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _decoded_stream(behaviour, request_class), response_serializer=response_class.SerializeToString
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _decoded_unary(behaviour, request_class), response_serializer=response_class.SerializeToString
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+async def _decode(raw: bytes, request_class: type, context: grpc.aio.ServicerContext) -> object:
+    try:
+        return request_class.FromString(raw)
+    except DecodeError as error:
+        await abort(context, invalid_argument("request", f"is not a {request_class.DESCRIPTOR.full_name}: {error}"))
+
+
+def _decoded_unary(behaviour: Callable, request_class: type) -> Callable:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> object:
+        return await behaviour(await _decode(raw, request_class, context), context)
+
+    return handle
+
+
+def _decoded_stream(behaviour: Callable, request_class: type) -> Callable:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        async for response in behaviour(await _decode(raw, request_class, context), context):
+            yield response
+
+    return handle
 
 
 def _bind(server: grpc.aio.Server, listen_addr: str) -> int:

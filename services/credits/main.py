@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from services.credits.config import Config
-from services.credits.handlers import ALLOWED_CALLERS, SERVICE_NAME, CreditsServicer, register
+from services.credits.handlers import ALLOWED_CALLERS, SERVICE_NAME, CreditsServicer, charge_rate_limit, register
 from shared.auth import AuthInterceptor
 from shared.db import close_pool, create_pool
 from shared.grpc_server import RunningServer, ServiceSpec, serve_main, start_grpc_server
@@ -28,12 +28,16 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         max_size=config.db_pool_max_size,
         application_name="casefile-credits",
         connect_timeout=config.database_connect_timeout_seconds,
+        # Nothing here SETs, LISTENs or keeps advisory locks past a call (the migrations'
+        # lock is released before the pool serves a request), so the release query only
+        # cost a round trip on every Charge.
+        reset_session_state=False,
     )
     stack.push_async_callback(close_pool, pool)
     async with pool.acquire() as conn:
         applied = await apply_migrations(conn, "credits", MIGRATIONS_DIR)
     log.info("credits.migrated", extra={"applied": applied})
-    servicer = CreditsServicer(pool)
+    servicer = CreditsServicer(pool, charge_rate_limit(config.charge_rate_per_second, config.charge_burst))
     running = await start_grpc_server(
         listen_addr=config.listen_addr,
         services=[ServiceSpec(SERVICE_NAME, register(servicer))],

@@ -67,6 +67,27 @@ async def test_create_pool_sets_application_name(throwaway_dsn):
         await pool.close()
 
 
+async def test_a_pool_that_keeps_session_state_still_rolls_back_open_transactions(throwaway_dsn):
+    await ensure_database(throwaway_dsn)
+    pool = await create_pool(throwaway_dsn, max_size=1, application_name="casefile-test", reset_session_state=False)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("SET statement_timeout = 1234")
+            await conn.execute("CREATE TABLE t (n int)")
+            tx = conn.transaction()
+            await tx.start()
+            await conn.execute("INSERT INTO t VALUES (1)")
+        async with pool.acquire() as conn:
+            kept = await conn.fetchval("SHOW statement_timeout")
+            rows = await conn.fetchval("SELECT count(*) FROM t")
+            in_transaction = conn.is_in_transaction()
+    finally:
+        await pool.close()
+
+    assert kept == "1234ms"  # no RESET ALL: what a caller SETs stays with the connection
+    assert (rows, in_transaction) == (0, False)
+
+
 def _nobody_listens() -> int:
     import socket
 

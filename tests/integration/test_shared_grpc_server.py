@@ -13,7 +13,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shared.grpc_server import ServiceSpec, start_grpc_server
+from shared.grpc_errors import details_of
+from shared.grpc_server import ServiceSpec, add_strictly_decoded, start_grpc_server
 
 SERVICE = "casefile.test.v1.PingService"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -184,3 +185,44 @@ async def test_run_service_logs_a_failed_build(tmp_path):
     failed = await asyncio.wait_for(read_event(child.stderr, "service.failed"), 20)
     assert "OSError: port already in use" in failed["error"]
     assert await asyncio.wait_for(child.wait(), 20) == 1
+
+
+class _Health(health_pb2_grpc.HealthServicer):
+    async def Check(self, request, context):
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def Watch(self, request, context):
+        for _ in range(2):
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.mark.parametrize("method", ["Check", "Watch"])
+async def test_undecodable_request_bytes_are_invalid_argument_not_unknown(method):
+    server = grpc.aio.server()
+    add_strictly_decoded(server, health_pb2.DESCRIPTOR.services_by_name["Health"], _Health())
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            path = f"/grpc.health.v1.Health/{method}"
+            call = channel.unary_stream(path) if method == "Watch" else channel.unary_unary(path)
+            valid = health_pb2.HealthCheckRequest(service="x").SerializeToString()
+            answered = [r async for r in call(valid, timeout=5)] if method == "Watch" else [await call(valid, timeout=5)]
+            with pytest.raises(grpc.aio.AioRpcError) as bad_utf8:
+                await _drain(call(b"\x0a\x02\xff\xfe", timeout=5))
+            with pytest.raises(grpc.aio.AioRpcError) as corrupt:
+                await _drain(call(b"\xff\xff\xff", timeout=5))
+    finally:
+        await server.stop(0)
+
+    assert len(answered) == (2 if method == "Watch" else 1)
+    for raised in (bad_utf8, corrupt):
+        details = details_of(raised.value)
+        assert (details.code, details.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ("request",))
+        assert "grpc.health.v1.HealthCheckRequest" in details.message
+
+
+async def _drain(call):
+    if hasattr(call, "__aiter__"):
+        return [r async for r in call]
+    return await call

@@ -1,12 +1,8 @@
-"""The credits service over real gRPC and a real PostgreSQL database."""
+"""Accounts over real gRPC and a real PostgreSQL database: opening, callers, the database's own guards."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -14,64 +10,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from casefile.credits.v1 import credits_service_pb2 as pb
-from casefile.credits.v1 import credits_service_pb2_grpc as pb_grpc
-from services.credits.config import Config
-from services.credits.main import build
 from shared.auth import bearer_metadata
-from tests.fakes.tcp_proxy import TcpProxy
 
-ONE_GIB = 1073741824
-
-
-@dataclass
-class CreditsUnderTest:
-    stub: pb_grpc.CreditsServiceStub
-    channel: grpc.aio.Channel
-    tokens: dict[str, str]
-
-    def as_caller(self, caller: str) -> tuple[tuple[str, str], ...]:
-        return bearer_metadata(self.tokens[caller])
+from .helpers import ONE_GIB, CreditsUnderTest, count_rows, postgres_proxy, serve_credits, through_proxy
 
 
-@contextlib.asynccontextmanager
-async def serve_credits(
-    database_url: str, tokens: dict[str, str]
-) -> AsyncIterator[CreditsUnderTest]:
-    """The service as main.build() wires it, on a free port, with a stub over loopback."""
-    config = Config.from_env(
-        {
-            "CREDITS_ADDR": "127.0.0.1:0",
-            "DATABASE_URL": database_url,
-            "AUTH_TOKENS": ",".join(f"{caller}:{token}" for caller, token in tokens.items()),
-        }
-    )
-    async with contextlib.AsyncExitStack() as stack:
-        running = await build(config, stack)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-        stack.push_async_callback(channel.close)
-        yield CreditsUnderTest(pb_grpc.CreditsServiceStub(channel), channel, tokens)
-
-
-@pytest.fixture
-async def credits(
-    database_url: str, auth_tokens: dict[str, str]
-) -> AsyncIterator[CreditsUnderTest]:
-    async with serve_credits(database_url, auth_tokens) as service:
-        yield service
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-async def get_account(
-    credits: CreditsUnderTest, user_id: str, caller: str = "gateway"
-) -> pb.Account:
+async def get_account(credits: CreditsUnderTest, user_id: str, caller: str = "gateway") -> pb.Account:
     response = await credits.stub.GetAccount(
         pb.GetAccountRequest(user_id=user_id), metadata=credits.as_caller(caller), timeout=10
     )
@@ -86,10 +30,9 @@ async def ledger_rows(db: asyncpg.Connection, user_id: str) -> list[asyncpg.Reco
     )
 
 
-async def count_rows(db: asyncpg.Connection) -> tuple[int, int]:
-    accounts = await db.fetchval("SELECT count(*) FROM credits.accounts")
-    entries = await db.fetchval("SELECT count(*) FROM credits.ledger_entries")
-    return accounts, entries
+async def accounts_and_entries(db: asyncpg.Connection) -> tuple[int, int]:
+    rows = await count_rows(db)
+    return rows["accounts"], rows["ledger_entries"]
 
 
 async def test_first_get_account_opens_free_account_with_welcome_grant(credits, db):
@@ -113,7 +56,7 @@ async def test_second_get_account_returns_the_same_account_and_writes_nothing(cr
     second = await get_account(credits, "player-2", caller="image")
 
     assert second == first
-    assert await count_rows(db) == (1, 1)
+    assert await accounts_and_entries(db) == (1, 1)
 
 
 async def wait_for_lock_waiters(db: asyncpg.Connection, table: str, count: int) -> None:
@@ -140,7 +83,7 @@ async def test_concurrent_first_calls_open_one_account_with_one_grant(credits, d
 
     assert {account.balance for account in accounts} == {1000}
     assert len({account.create_time.ToNanoseconds() for account in accounts}) == 1
-    assert await count_rows(db) == (1, 1)
+    assert await accounts_and_entries(db) == (1, 1)
     assert await db.fetchval("SELECT balance FROM credits.accounts WHERE user_id = 'racer'") == 1000
 
 
@@ -156,7 +99,8 @@ async def test_longest_allowed_user_id_is_accepted(credits):
     ("user_id", "message"),
     [
         ("", "user_id: must not be empty"),
-        ("   ", "user_id: must not be empty"),
+        ("   ", "user_id: must not start or end with whitespace"),
+        (" u1", "user_id: must not start or end with whitespace"),
         ("u" * 129, "user_id: must be at most 128 characters"),
         ("bad\x00id", "user_id: must not contain control characters"),
     ],
@@ -167,7 +111,7 @@ async def test_bad_user_id_is_invalid_argument_and_writes_nothing(credits, db, u
 
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == message
-    assert await count_rows(db) == (0, 0)
+    assert await accounts_and_entries(db) == (0, 0)
 
 
 async def test_caller_not_in_the_table_is_permission_denied(credits, db):
@@ -182,7 +126,7 @@ async def test_caller_not_in_the_table_is_permission_denied(credits, db):
 
     assert charge.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert story_reads_account.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert await count_rows(db) == (0, 0)
+    assert await accounts_and_entries(db) == (0, 0)
 
 
 @pytest.mark.parametrize(
@@ -197,37 +141,13 @@ async def test_call_without_a_known_token_is_unauthenticated(credits, db, metada
         )
 
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert await count_rows(db) == (0, 0)
-
-
-@pytest.mark.parametrize(
-    ("method", "request_message", "caller"),
-    [
-        ("Grant", pb.GrantRequest(user_id="u", amount=1, reason="r", request_id="r"), "admin"),
-        ("SetPlan", pb.SetPlanRequest(user_id="u", plan=pb.PLAN_PRO), "admin"),
-        ("Charge", pb.ChargeRequest(user_id="u", amount=1, reference="r", request_id="r"), "image"),
-        ("Refund", pb.RefundRequest(charge_id="c", amount=1, request_id="r"), "admin"),
-        ("ReserveStorage", pb.ReserveStorageRequest(user_id="u", bytes=1, request_id="r"), "image"),
-        ("ReleaseStorage", pb.ReleaseStorageRequest(user_id="u", bytes=1, request_id="r"), "image"),
-        ("RecordGeneration", pb.RecordGenerationRequest(user_id="u", job_id="j"), "image"),
-        ("GetUsage", pb.GetUsageRequest(user_id="u"), "gateway"),
-        ("ListLedgerEntries", pb.ListLedgerEntriesRequest(user_id="u"), "admin"),
-    ],
-)
-async def test_methods_not_built_yet_are_unimplemented(credits, method, request_message, caller):
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await getattr(credits.stub, method)(
-            request_message, metadata=credits.as_caller(caller), timeout=10
-        )
-
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert raised.value.details() == f"{method} is not implemented yet"
+    assert await accounts_and_entries(db) == (0, 0)
 
 
 async def test_database_refuses_to_change_or_delete_ledger_entries(credits, db):
     await get_account(credits, "auditor")
 
-    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="credits.ledger_entries is append-only"):
         await db.execute("UPDATE credits.ledger_entries SET amount = 5000")
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
         await db.execute("DELETE FROM credits.ledger_entries")
@@ -236,6 +156,18 @@ async def test_database_refuses_to_change_or_delete_ledger_entries(credits, db):
 
     rows = await ledger_rows(db, "auditor")
     assert [(r["kind"], r["amount"]) for r in rows] == [("GRANT", 1000)]
+
+
+@pytest.mark.parametrize("table", ["requests", "storage_entries"])
+async def test_database_refuses_to_change_or_delete_request_records_and_storage_moves(credits, db, table):
+    await get_account(credits, "auditor")
+    await credits.call("ReserveStorage", pb.ReserveStorageRequest(user_id="auditor", bytes=10, request_id="r-1"),
+                       "image")
+
+    for statement in (f"UPDATE credits.{table} SET user_id = user_id", f"DELETE FROM credits.{table}",
+                      f"TRUNCATE credits.{table}"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=f"credits.{table} is append-only"):
+            await db.execute(statement)
 
 
 async def test_database_refuses_a_negative_balance(credits, db):
@@ -255,16 +187,8 @@ async def test_health_answers_serving_without_a_token(credits):
     assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def through_proxy(database_url: str, proxy: TcpProxy) -> str:
-    parts = urlsplit(database_url)
-    user = parts.netloc.rpartition("@")[0]
-    netloc = f"{user}@{proxy.address}" if user else proxy.address
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 async def test_database_outage_is_unavailable_and_service_recovers(database_url, auth_tokens, db):
-    parts = urlsplit(database_url)
-    async with TcpProxy(parts.hostname, parts.port or 5432) as proxy:
+    async with postgres_proxy(database_url) as proxy:
         async with serve_credits(through_proxy(database_url, proxy), auth_tokens) as credits:
             await get_account(credits, "before-outage")
 
@@ -277,4 +201,4 @@ async def test_database_outage_is_unavailable_and_service_recovers(database_url,
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "database" in raised.value.details()
     assert after.balance == 1000
-    assert await count_rows(db) == (2, 2)
+    assert await accounts_and_entries(db) == (2, 2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 
 import grpc
 import pytest
@@ -12,19 +11,8 @@ import pytest
 from casefile.credits.v1 import credits_service_pb2 as pb
 from casefile.credits.v1 import credits_service_pb2_grpc as pb_grpc
 from shared.auth import bearer_metadata
-from tools.infra import free_port
 
-# What a child process needs from our environment; nothing else leaks in.
-INHERITED_VARIABLES = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
-
-
-def credits_env(database_url: str, auth_tokens: dict[str, str]) -> dict[str, str]:
-    return {
-        **{name: os.environ[name] for name in INHERITED_VARIABLES if name in os.environ},
-        "CREDITS_ADDR": f"127.0.0.1:{free_port()}",
-        "DATABASE_URL": database_url,
-        "AUTH_TOKENS": ",".join(f"{caller}:{token}" for caller, token in auth_tokens.items()),
-    }
+from .helpers import service_env as credits_env
 
 
 def log_events(text: str) -> list[dict]:
