@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -121,7 +122,12 @@ def _decoded_unary(behaviour: Callable, request_class: type) -> Callable:
 
 def _decoded_stream(behaviour: Callable, request_class: type) -> Callable:
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
-        async for response in behaviour(await _decode(raw, request_class, context), context):
+        responses = behaviour(await _decode(raw, request_class, context), context)
+        if inspect.isawaitable(responses):
+            # A plain coroutine (one that only aborts, say) streams nothing.
+            await responses
+            return
+        async for response in responses:
             yield response
 
     return handle

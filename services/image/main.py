@@ -11,7 +11,7 @@ import asyncpg
 import grpc
 import httpx
 
-from casefile.image.v1 import image_service_pb2_grpc
+from casefile.image.v1 import image_service_pb2
 from casefile.story.v1 import story_service_pb2_grpc
 from services.image.config import Config
 from services.image.handlers import ALLOWED_CALLERS, SERVICE_NAME, ImageServicer
@@ -30,7 +30,7 @@ from services.image.providers import build_generation_providers, build_portrait_
 from services.image.routing import BreakerSettings, ProviderRouter
 from shared.auth import AuthInterceptor
 from shared.db import close_pool, create_pool
-from shared.grpc_server import RunningServer, ServiceSpec, serve_main, start_grpc_server
+from shared.grpc_server import RunningServer, ServiceSpec, add_strictly_decoded, serve_main, start_grpc_server
 from shared.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         services=[
             ServiceSpec(
                 SERVICE_NAME,
-                lambda grpc_server: image_service_pb2_grpc.add_ImageServiceServicer_to_server(
-                    servicer, grpc_server
+                lambda grpc_server: add_strictly_decoded(
+                    grpc_server, image_service_pb2.DESCRIPTOR.services_by_name["ImageService"], servicer
                 ),
             )
         ],

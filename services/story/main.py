@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from casefile.story.v1 import story_service_pb2_grpc
+from casefile.story.v1 import story_service_pb2
 from services.story.change_feed import StoryChangeFeed
 from services.story.config import Config
 from services.story.domain import WatchLimits
@@ -19,7 +19,7 @@ from services.story.messaging import fill_missing_payloads, story_outbox_relay
 from services.story.writers import build_writer
 from shared.auth import AuthInterceptor
 from shared.db import close_pool, create_pool
-from shared.grpc_server import RunningServer, ServiceSpec, serve_main, start_grpc_server
+from shared.grpc_server import RunningServer, ServiceSpec, add_strictly_decoded, serve_main, start_grpc_server
 from shared.migrations import apply_migrations
 from shared.outbox import RelaySettings
 
@@ -73,7 +73,10 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     server = await start_grpc_server(
         listen_addr=config.listen_addr,
         services=[
-            ServiceSpec(SERVICE_NAME, lambda s: story_service_pb2_grpc.add_StoryServiceServicer_to_server(servicer, s))
+            ServiceSpec(
+                SERVICE_NAME,
+                lambda s: add_strictly_decoded(s, story_service_pb2.DESCRIPTOR.services_by_name["StoryService"], servicer),
+            )
         ],
         interceptors=[AuthInterceptor(config.auth_tokens.reveal(), ALLOWED_CALLERS)],
     )

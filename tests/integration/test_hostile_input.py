@@ -72,7 +72,8 @@ page_tokens = st.one_of(
 
 
 @pytest.fixture
-async def servers(database_url, nats_server, s3_endpoint_url, s3_bucket):
+async def channels(database_url, nats_server, s3_endpoint_url, s3_bucket):
+    """(story channel, image channel) to both services, built as main() builds them."""
     story_addr = f"127.0.0.1:{free_port()}"
     async with contextlib.AsyncExitStack() as stack:
         await build_story(
@@ -99,10 +100,13 @@ async def servers(database_url, nats_server, s3_endpoint_url, s3_bucket):
         image_channel = grpc.aio.insecure_channel(f"127.0.0.1:{image.port}")
         stack.push_async_callback(story_channel.close)
         stack.push_async_callback(image_channel.close)
-        yield (
-            story_service_pb2_grpc.StoryServiceStub(story_channel),
-            image_service_pb2_grpc.ImageServiceStub(image_channel),
-        )
+        yield story_channel, image_channel
+
+
+@pytest.fixture
+def servers(channels):
+    story_channel, image_channel = channels
+    return story_service_pb2_grpc.StoryServiceStub(story_channel), image_service_pb2_grpc.ImageServiceStub(image_channel)
 
 
 @pytest.fixture
@@ -346,3 +350,29 @@ async def test_the_database_going_away_is_unavailable_for_reads_and_watches(data
         assert await answer(
             story.ListStories(pb.ListStoriesRequest(user_id="u1"), metadata=GATEWAY)
         ) == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("service", "method", "streaming"),
+    [
+        ("casefile.story.v1.StoryService", "CreateStory", False),
+        ("casefile.story.v1.StoryService", "WatchStory", True),
+        ("casefile.image.v1.ImageService", "GetImageUrl", False),
+        ("casefile.image.v1.ImageService", "WatchGenerationJob", True),
+    ],
+)
+@pytest.mark.parametrize("raw", [b"\x0a\x02\xff\xfe", b"\xff" * 12, b"\x08"], ids=["bad-utf8", "garbage", "truncated"])
+async def test_request_bytes_that_are_no_message_are_invalid_argument(channels, service, method, streaming, raw):
+    # A fuzzer's first packet: bytes that parse as no request (invalid UTF-8 in a string
+    # field, garbage, a truncated varint). grpc's own deserializer would answer UNKNOWN.
+    channel = channels[0] if ".story." in service else channels[1]
+    path = f"/{service}/{method}"
+    metadata = GATEWAY
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if streaming:
+            async for _ in channel.unary_stream(path)(raw, metadata=metadata, timeout=10):
+                pass
+        else:
+            await channel.unary_unary(path)(raw, metadata=metadata, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert details_of(caught.value).fields == ("request",)
