@@ -27,6 +27,7 @@ from casefile.story.v1 import story_service_pb2 as pb
 from casefile.story.v1 import story_service_pb2_grpc
 from shared.auth import bearer_metadata
 from tests.bench import echo_server
+from tests.case_files import case_file
 from tools.infra import (
     DEFAULT_DATABASE_URL,
     MotoS3Server,
@@ -127,12 +128,7 @@ async def fan_out_seconds(stub, watchers: int) -> float:
         await stub.CreateStory(
             pb.CreateStoryRequest(
                 user_id="bench-watch",
-                content=pb.StoryContent(
-                    title="t",
-                    patient=pb.Patient(name="n", age=1, diagnosis="d", appearance="a"),
-                    chapters=[pb.Chapter(title="c", text="x")],
-                    image_generation_prompt="p",
-                ),
+                content=case_file(),
             ),
             metadata=GATEWAY,
         )

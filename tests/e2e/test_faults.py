@@ -29,6 +29,7 @@ from casefile.story.v1 import story_service_pb2_grpc
 from shared.auth import bearer_metadata
 from tests.fakes.tcp_proxy import TcpProxy
 from tools.infra import FAST_RECONNECT, MotoS3Server, NatsServer, ServiceProcess, free_port
+from tests.case_files import case_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -291,12 +292,7 @@ async def test_story_killed_with_unpublished_events_publishes_them_after_restart
 
 
 def story_content() -> pb.StoryContent:
-    return pb.StoryContent(
-        title="Ward Nine",
-        patient=pb.Patient(name="Edith Crane", age=41, diagnosis="Somnambulism", appearance="Pale, with wet hair"),
-        chapters=[pb.Chapter(title="Admission", text="She arrived at night, barefoot, and asked for her mirror.")],
-        image_generation_prompt="A pale woman with wet hair in a dim hospital ward, 1950s photograph",
-    )
+    return case_file()
 
 
 def story_created(story: pb.Story) -> bytes:

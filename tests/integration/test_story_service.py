@@ -19,6 +19,9 @@ from services.story.main import build
 from shared.auth import bearer_metadata
 from shared.grpc_errors import details_of
 from tests.fakes.anthropic import SAMPLE_STORY, FakeAnthropic
+from services.story.difficulty import story_typing_difficulty
+from services.story.model import Chapter
+from tests.case_files import case_file, chapters, patient
 
 TOKENS = "admin:t-admin,gateway:t-gateway,story:t-story,image:t-image"
 GATEWAY = bearer_metadata("t-gateway")
@@ -81,14 +84,7 @@ async def events(nats_server):
     await nc.close()
 
 
-def valid_content(**overrides) -> pb.StoryContent:
-    fields = {
-        "title": "Ward Nine",
-        "patient": pb.Patient(name="Edith Crane", age=41, diagnosis="Somnambulism", appearance="Pale, hollow-eyed"),
-        "chapters": [pb.Chapter(title="Admission", text="She arrived at night."), pb.Chapter(title="Night", text="...")],
-        "image_generation_prompt": "A portrait of a pale woman in a hospital gown",
-    }
-    return pb.StoryContent(**{**fields, **overrides})
+valid_content = case_file
 
 
 async def count_rows(db) -> tuple[int, int]:
@@ -423,4 +419,62 @@ async def test_a_failing_writer_is_unavailable_and_stores_nothing(anthropic_stor
         await stub.GenerateStory(pb.GenerateStoryRequest(user_id="u1"), metadata=GATEWAY)
 
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await count_rows(db) == (0, 0)
+
+
+# ---------------------------------------------------------------------------- richer case files
+
+
+async def test_a_created_story_carries_gender_admission_date_difficulty_and_its_author(story):
+    content = case_file()
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=content), metadata=GATEWAY)).story
+
+    assert (created.patient.gender, created.patient.admission_date) == (pb.GENDER_FEMALE, "1894-03-12")
+    assert (created.writer, created.writer_model, created.theme) == ("caller", "", "")
+    expected = story_typing_difficulty(content.title, [Chapter(c.title, c.text) for c in content.chapters])
+    assert created.typing_difficulty == expected > 0
+    fetched = (await story.GetStory(pb.GetStoryRequest(story_id=created.story_id), metadata=GATEWAY)).story
+    assert fetched == created
+
+
+async def test_a_generated_story_records_its_theme_writer_and_model(story):
+    generated = (
+        await story.GenerateStory(pb.GenerateStoryRequest(user_id="u1", theme="  a drowned lighthouse "), metadata=GATEWAY)
+    ).story
+
+    assert (generated.writer, generated.writer_model, generated.theme) == ("local", "templates", "a drowned lighthouse")
+    assert generated.patient.gender in (pb.GENDER_FEMALE, pb.GENDER_MALE)
+    assert len(generated.patient.admission_date) == 10
+    assert 3 <= len(generated.chapters) <= 7
+    assert generated.typing_difficulty == story_typing_difficulty(
+        generated.title, [Chapter(c.title, c.text) for c in generated.chapters]
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        (case_file(chapters=chapters(2)), "content.chapters"),
+        (case_file(chapters=chapters(8)), "content.chapters"),
+        (case_file(patient=patient(gender=pb.GENDER_UNSPECIFIED)), "content.patient.gender"),
+        (case_file(patient=patient(gender=7)), "content.patient.gender"),
+        (case_file(patient=patient(admission_date="")), "content.patient.admission_date"),
+        (case_file(patient=patient(admission_date="12/03/1894")), "content.patient.admission_date"),
+        (case_file(patient=patient(admission_date="1894-02-30")), "content.patient.admission_date"),
+        (case_file(patient=patient(admission_date="1799-12-31")), "content.patient.admission_date"),
+        (case_file(patient=patient(admission_date="2101-01-01")), "content.patient.admission_date"),
+        (case_file(patient=patient(age=131)), "content.patient.age"),
+        (case_file(title="# Ward *Nine*"), "content.title"),
+        (case_file(chapters=[*chapters(2), pb.Chapter(title="Last", text="She <screamed>.")]), "content.chapters[2].text"),
+        (case_file(chapters=[*chapters(2), pb.Chapter(title="Last", text="x" * 20_001)]), "content.chapters[2].text"),
+        (case_file(chapters=[pb.Chapter(title="Two\nlines", text="a"), *chapters(2)]), "content.chapters[0].title"),
+    ],
+)
+async def test_case_file_limits_are_invalid_argument_naming_the_field(story, db, content, field):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=content), metadata=GATEWAY)
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(raised.value).fields == (field,)
+    assert raised.value.details().startswith(f"{field}:")
     assert await count_rows(db) == (0, 0)
