@@ -57,6 +57,7 @@ MAX_REASON_LENGTH = 1000
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 MAX_ATTEMPT = 2**31 - 1
+STORE_RETRY_SECONDS = 1.0
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 # Page tokens never name a time outside this range; anything else is forged.
 _EARLIEST_CURSOR = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
@@ -116,9 +117,18 @@ class PortraitInProgress(DomainError):
 class WriterUnavailable(DomainError):
     """The writer model failed or wrote something unusable; nothing was stored."""
 
+    def __init__(self, message: str, *, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        # The model's own Retry-After, when it gave one: the caller's RetryInfo.
+        self.retry_after_seconds = retry_after_seconds
+
 
 class StoreUnavailable(DomainError):
     """The story database cannot be reached; nothing was changed."""
+
+    # The pool reconnects on the next call, so a caller may try again at once; a second
+    # spares a database that is coming back from a flood of retries.
+    retry_after_seconds = STORE_RETRY_SECONDS
 
 
 class TooManyWatchers(DomainError):
@@ -359,7 +369,7 @@ async def generate_story(
         draft = await writer.write(theme=theme or None, seed=f"{user_id}\x00{request_key or story_id}")
     except WriterError as error:
         log.warning("story.write_failed", extra={"story_id": story_id, "user_id": user_id, "error": str(error)})
-        raise WriterUnavailable(f"the story writer failed: {error}") from None
+        raise WriterUnavailable(f"the story writer failed: {error}", retry_after_seconds=error.retry_after) from None
     content = content_from_writer(draft)
     return await _store_new_story(
         pool,

@@ -372,3 +372,17 @@ async def test_the_database_going_away_is_unavailable_for_reads_and_watches(data
         assert await answer(
             story.ListStories(pb.ListStoriesRequest(user_id="u1"), metadata=GATEWAY)
         ) == grpc.StatusCode.UNAVAILABLE
+        # A client can act on it: the reason, and how long to wait before trying again.
+        for call in (
+            story.GetStory(pb.GetStoryRequest(story_id=created.story_id), metadata=GATEWAY),
+            story.CreateStory(
+                pb.CreateStoryRequest(user_id="u1", content=content("t", "n", "d", "a", "c", "x", "p", 1)), metadata=GATEWAY
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            details = details_of(raised.value)
+            assert (details.code, details.reason, details.domain) == (
+                grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE", "story.casefile"
+            )
+            assert details.retry_after_seconds == 1.0

@@ -478,3 +478,49 @@ async def test_case_file_limits_are_invalid_argument_naming_the_field(story, db,
     assert details_of(raised.value).fields == (field,)
     assert raised.value.details().startswith(f"{field}:")
     assert await count_rows(db) == (0, 0)
+
+
+# ---------------------------------------------------------------------------- errors a program can act on
+
+
+async def refusal(call):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    return details_of(raised.value)
+
+
+async def test_typical_refusals_carry_details_a_client_reads(story):
+    missing = "00000000-0000-4000-8000-000000000000"
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=case_file()), metadata=GATEWAY)).story
+
+    invalid = await refusal(story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=case_file(title="")), metadata=GATEWAY))
+    not_found = await refusal(story.GetStory(pb.GetStoryRequest(story_id=missing), metadata=GATEWAY))
+    stale = await refusal(
+        story.SetStoryImage(
+            pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/x/2.png", attempt=2), metadata=IMAGE
+        )
+    )
+    in_progress = await refusal(story.RetryPortrait(pb.RetryPortraitRequest(story_id=created.story_id), metadata=ADMIN))
+
+    assert (invalid.code, invalid.violations) == (grpc.StatusCode.INVALID_ARGUMENT, (("content.title", "must not be empty"),))
+    assert (invalid.reason, invalid.retry_after_seconds) == ("", None)
+    assert (not_found.code, not_found.reason, not_found.domain) == (grpc.StatusCode.NOT_FOUND, "STORY_NOT_FOUND", "story.casefile")
+    assert not_found.metadata == {"story_id": missing}
+    assert (stale.code, stale.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "STALE_ATTEMPT")
+    assert stale.metadata == {"story_id": created.story_id, "attempt": "2", "current_attempt": "1"}
+    assert (in_progress.code, in_progress.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "PORTRAIT_IN_PROGRESS")
+    assert in_progress.metadata == {"story_id": created.story_id, "attempt": "1"}
+
+
+async def test_a_writer_told_to_wait_is_unavailable_with_that_wait_as_retry_info(anthropic_story, db):
+    stub, fake = anthropic_story
+    # Longer than the writer's retry budget: the caller hears it at once instead of after it.
+    fake.fail_next(1, status=429, message="rate limited", headers={"retry-after": "120"})
+
+    details = await refusal(stub.GenerateStory(pb.GenerateStoryRequest(user_id="u1"), metadata=GATEWAY))
+
+    assert (details.code, details.reason, details.domain) == (grpc.StatusCode.UNAVAILABLE, "WRITER_UNAVAILABLE", "story.casefile")
+    assert details.retry_after_seconds == 120
+    assert "rate limited" in details.message
+    assert len(fake.requests_to("/v1/messages")) == 1
+    assert await count_rows(db) == (0, 0)
