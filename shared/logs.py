@@ -116,27 +116,32 @@ def logged_step(
     describe: Callable[[BaseException], str] = _describe_error,
     observe: Callable[[str, bool, float], None] | None = None,
     **fields: Any,
-) -> Iterator[None]:
+) -> Iterator[dict[str, Any]]:
     """Logs one pipeline step: started, then succeeded or failed, with its duration.
 
     `ids` names what the step works on (story_id and attempt for the portrait pipeline);
+    the dict it yields takes fields that only the step's result knows, for the last line;
     `observe(step, ok, seconds)` records the step in a metric as well. The exception, if
     any, goes on unchanged; a cancellation (shutdown) is a failure too.
     """
     line = {**ids, "step": step, **fields}
     logger.info(f"{area}.step_started", extra={**line, "duration_ms": None, "error": None})
     started = time.perf_counter()
+    outcome: dict[str, Any] = {}
     try:
-        yield
+        yield outcome
     except BaseException as error:
         seconds = time.perf_counter() - started
         logger.warning(
-            f"{area}.step_failed", extra={**line, "duration_ms": round(seconds * 1000, 1), "error": describe(error)}
+            f"{area}.step_failed",
+            extra={**line, **outcome, "duration_ms": round(seconds * 1000, 1), "error": describe(error)},
         )
         if observe is not None:
             observe(step, False, seconds)
         raise
     seconds = time.perf_counter() - started
-    logger.info(f"{area}.step_succeeded", extra={**line, "duration_ms": round(seconds * 1000, 1), "error": None})
+    logger.info(
+        f"{area}.step_succeeded", extra={**line, **outcome, "duration_ms": round(seconds * 1000, 1), "error": None}
+    )
     if observe is not None:
         observe(step, True, seconds)

@@ -38,6 +38,7 @@ from services.story.model import (
     StoryPage,
 )
 from services.story.writers.base import StoryWriter, WriterError
+from shared.logs import logged_step
 from shared.validation import id_problem, optional_id_problem, text_problem
 
 __all__ = [
@@ -364,13 +365,14 @@ async def generate_story(
         if existing is not None:
             return existing
     story_id = str(uuid.uuid4())
-    log.info("story.write_started", extra={"story_id": story_id, "user_id": user_id, "writer": writer.name})
+    # The first step of the portrait pipeline (attempt 1): its lines match the image service's.
+    ids = {"story_id": story_id, "attempt": 1, "user_id": user_id}
     try:
-        draft = await writer.write(theme=theme or None, seed=f"{user_id}\x00{request_key or story_id}")
+        with logged_step(log, "story", "write", ids, writer=writer.name, model=writer.model):
+            draft = await writer.write(theme=theme or None, seed=f"{user_id}\x00{request_key or story_id}")
+            content = content_from_writer(draft)
     except WriterError as error:
-        log.warning("story.write_failed", extra={"story_id": story_id, "user_id": user_id, "error": str(error)})
         raise WriterUnavailable(f"the story writer failed: {error}", retry_after_seconds=error.retry_after) from None
-    content = content_from_writer(draft)
     return await _store_new_story(
         pool,
         user_id=user_id,
@@ -443,7 +445,7 @@ async def set_story_image(pool: asyncpg.Pool, *, story_id: str, storage_id: str,
         if story.portrait_status in FINAL_PORTRAIT_STATUSES:
             raise PortraitAlreadyFinal(story)
         story = await storage.attach_portrait(conn, story_id, storage_id)
-    log.info("story.portrait_ready", extra={"story_id": story_id, "storage_id": storage_id, "attempt": attempt})
+    log.info("story.portrait_attached", extra={"story_id": story_id, "storage_id": storage_id, "attempt": attempt})
     return story
 
 

@@ -80,7 +80,7 @@ def _abort_on_domain_error(method: Handler) -> Handler:
         except asyncpg.PostgresError as error:
             # Validation happens before SQL, so this is our fault, never the caller's; the
             # transaction rolled back, so nothing was half-written.
-            log.error("story.database_error", extra={"method": method.__name__, "error": repr(error)})
+            log.error("story.database_failed", extra={"method": method.__name__, "error": repr(error)})
             await context.abort(grpc.StatusCode.INTERNAL, "the story could not be stored; nothing was written")
 
     return wrapper  # type: ignore[return-value]
@@ -219,7 +219,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
         except domain.DomainError as error:
             await _refuse(context, "WatchStory", error)
         except asyncpg.PostgresError as error:
-            log.error("story.database_error", extra={"method": "WatchStory", "error": repr(error)})
+            log.error("story.database_failed", extra={"method": "WatchStory", "error": repr(error)})
             await ERRORS.abort(context, domain.StoreUnavailable("the story database failed; watch again"))
 
     @_abort_on_domain_error
