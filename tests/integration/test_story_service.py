@@ -22,9 +22,11 @@ from tests.fakes.anthropic import SAMPLE_STORY, FakeAnthropic
 from services.story.difficulty import story_typing_difficulty
 from services.story.model import Chapter
 from tests.case_files import case_file, chapters, patient
+from tests.scrape import scrape
 
 TOKENS = "admin:t-admin,gateway:t-gateway,story:t-story,image:t-image"
 GATEWAY = bearer_metadata("t-gateway")
+OUTBOX = "story.outbox"
 IMAGE = bearer_metadata("t-image")
 ADMIN = bearer_metadata("t-admin")
 
@@ -374,8 +376,15 @@ async def test_retry_portrait_publishes_a_new_attempt(story, events):
 
 
 @pytest.fixture
-async def anthropic_story(database_url, nats_server):
-    """The story service writing with the real Anthropic client against a fake server."""
+async def anthropic_story(anthropic_server):
+    stub, fake, _ = anthropic_server
+    yield stub, fake
+
+
+@pytest.fixture
+async def anthropic_server(database_url, nats_server):
+    """The story service writing with the real Anthropic client against a fake server, its
+    metrics on a port of its own."""
     async with FakeAnthropic(api_key="k-test") as fake, contextlib.AsyncExitStack() as stack:
         config = Config.from_env(
             {
@@ -387,12 +396,13 @@ async def anthropic_story(database_url, nats_server):
                 "ANTHROPIC_API_KEY": "k-test",
                 "ANTHROPIC_BASE_URL": fake.base_url,
                 "ANTHROPIC_MODEL": "claude-test-model",
+                "METRICS_ADDR": "127.0.0.1:0",
             }
         )
         server = await build(config, stack)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         stack.push_async_callback(channel.close)
-        yield story_service_pb2_grpc.StoryServiceStub(channel), fake
+        yield story_service_pb2_grpc.StoryServiceStub(channel), fake, server
 
 
 async def test_generate_story_with_the_anthropic_writer(anthropic_story):
@@ -524,3 +534,59 @@ async def test_a_writer_told_to_wait_is_unavailable_with_that_wait_as_retry_info
     assert "rate limited" in details.message
     assert len(fake.requests_to("/v1/messages")) == 1
     assert await count_rows(db) == (0, 0)
+
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+async def test_writer_calls_and_retries_are_counted_by_outcome_and_reason(anthropic_server):
+    stub, fake, server = anthropic_server
+    before = await scrape(server.metrics.url)
+    fake.fail_next(1, status=429, message="slow down")
+    fake.reply_next("no JSON here")  # then an unusable reply, sent back once
+
+    await stub.GenerateStory(pb.GenerateStoryRequest(user_id="u1"), metadata=GATEWAY)
+    after = await scrape(server.metrics.url)
+
+    def moved(name: str, **labels: str) -> float:
+        return after.value(name, kind="writer", provider="anthropic", **labels) - before.value(
+            name, kind="writer", provider="anthropic", **labels
+        )
+
+    assert moved("casefile_provider_retries_total", reason="rate_limited") == 1
+    assert moved("casefile_provider_retries_total", reason="unusable_reply") == 1
+    assert moved("casefile_provider_call_seconds_count", outcome="transient_error") == 1
+    assert moved("casefile_provider_call_seconds_count", outcome="ok") == 2
+    assert len(fake.requests_to("/v1/messages")) == 3
+
+
+async def test_outbox_backlog_and_publish_lag_while_nats_is_away(database_url, nats_server):
+    config = Config.from_env(
+        {"STORY_ADDR": "127.0.0.1:0", "DATABASE_URL": database_url, "NATS_URL": nats_server.url, "AUTH_TOKENS": TOKENS,
+         "OUTBOX_POLL_INTERVAL_SECONDS": "0.1", "METRICS_ADDR": "127.0.0.1:0"}
+    )  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        server = await build(config, stack)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        stack.push_async_callback(channel.close)
+        stub = story_service_pb2_grpc.StoryServiceStub(channel)
+        before = await scrape(server.metrics.url)
+        nats_server.stop()
+        for user in ("u1", "u2"):
+            await stub.CreateStory(pb.CreateStoryRequest(user_id=user, content=case_file()), metadata=GATEWAY)
+        waiting = await scrape(server.metrics.url)
+        nats_server.start()
+        async with asyncio.timeout(30):  # a hang guard: the relay publishes once NATS is back
+            while (drained := await scrape(server.metrics.url)).value("casefile_outbox_backlog", outbox=OUTBOX):
+                await asyncio.sleep(0.1)
+
+    assert waiting.value("casefile_outbox_backlog", outbox=OUTBOX) == 2
+    assert waiting.value("casefile_outbox_oldest_unpublished_seconds", outbox=OUTBOX) > 0
+    assert drained.value("casefile_outbox_oldest_unpublished_seconds", outbox=OUTBOX) == 0
+    published = "casefile_outbox_published_total"
+    assert drained.value(published, outbox=OUTBOX) - before.value(published, outbox=OUTBOX) == 2
+    lag = "casefile_outbox_publish_lag_seconds"
+    assert drained.value(f"{lag}_count", outbox=OUTBOX) - before.value(f"{lag}_count", outbox=OUTBOX) == 2
+    # Their lag includes the outage they waited out.
+    assert drained.value(f"{lag}_sum", outbox=OUTBOX) - before.value(f"{lag}_sum", outbox=OUTBOX) > 0
