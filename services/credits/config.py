@@ -28,7 +28,7 @@ class Config:
     def from_env(cls, env: Mapping[str, str]) -> Config:
         # The credits service calls nobody, so unlike story and image it needs no own token.
         return cls(
-            metrics_addr=env_metrics_addr(env),
+            metrics_addr=env_metrics_addr(env, "METRICS_ADDR"),
             listen_addr=env_listen_addr(env, "CREDITS_ADDR", DEFAULT_LISTEN_ADDR),
             database_url=env_database_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL),
             database_connect_timeout_seconds=env_float(env, "DATABASE_CONNECT_TIMEOUT_SECONDS", 15, minimum=0),

@@ -73,7 +73,7 @@ class Config:
         if max_ack_pending < concurrency:
             raise ConfigError("PORTRAIT_MAX_ACK_PENDING", "must be at least PORTRAIT_CONCURRENCY (and far above it)")
         return cls(
-            metrics_addr=env_metrics_addr(env),
+            metrics_addr=env_metrics_addr(env, "METRICS_ADDR"),
             listen_addr=env_listen_addr(env, "IMAGE_ADDR", "127.0.0.1:50052"),
             database_url=env_database_secret(env, "DATABASE_URL", DEFAULT_DATABASE_URL),
             database_connect_timeout_seconds=env_float(env, "DATABASE_CONNECT_TIMEOUT_SECONDS", 15, minimum=0),

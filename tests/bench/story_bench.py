@@ -191,9 +191,14 @@ async def run(args: argparse.Namespace) -> dict:
         }
         story = ServiceProcess("story", env, work / "story.log").start()
         image = ServiceProcess("image", env, work / "image.log").start()
-        processes += [story, image]
+        # The same service with METRICS_ADDR set (its RPC interceptor and /metrics on), on the
+        # same database: GetStory's ratio to the echo with metrics and without, in one run.
+        metered_env = {**env, "STORY_ADDR": f"127.0.0.1:{free_port()}", "METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+        metered = ServiceProcess("story", metered_env, work / "story-metered.log").start()
+        processes += [story, image, metered]
         await story.wait_healthy(env["STORY_ADDR"])
         await image.wait_healthy(env["IMAGE_ADDR"])
+        await metered.wait_healthy(metered_env["STORY_ADDR"])
 
         async with grpc.aio.insecure_channel(env["STORY_ADDR"]) as channel:
             stub = story_service_pb2_grpc.StoryServiceStub(channel)
@@ -211,11 +216,17 @@ async def run(args: argparse.Namespace) -> dict:
         throughput = await measure_throughput(
             env["STORY_ADDR"], f"127.0.0.1:{echo_port}", sample.story.story_id, args.rounds, args.seconds, args.concurrency
         )
+        with_metrics = await measure_throughput(
+            metered_env["STORY_ADDR"], f"127.0.0.1:{echo_port}", sample.story.story_id, args.rounds, args.seconds,
+            args.concurrency,
+        )
+        metered.terminate()
         latency = await measure_portrait_latency(env["STORY_ADDR"], args.stories, args.poll_ms / 1000)
         image.terminate()  # from here on the bench plays the image service itself
         fan_out = await measure_watch_fan_out(env["STORY_ADDR"], args.watchers, args.rounds)
         return {
             "get_story": {**throughput, "concurrency": args.concurrency, "response_bytes": sample.ByteSize()},
+            "get_story_with_metrics": with_metrics,
             "portrait": latency,
             "watch_fan_out": fan_out,
         }
