@@ -14,7 +14,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,42 +199,37 @@ async def post_json(
 ) -> dict[str, Any]:
     """POSTs `body`; the decoded JSON object of a 2xx answer, else WriterError. Each call is
     timed in casefile_provider_call_seconds."""
+    with _timed_call(writer_name):
+        async with _http_client(client) as http:
+            try:
+                response = await http.post(url, json=body, headers=headers, timeout=timeout)
+            except httpx.TimeoutException:
+                raise WriterTimeout(f"{writer_name}: request timed out", transient=True) from None
+            except httpx.TransportError as error:
+                raise WriterError(f"{writer_name}: {type(error).__name__}", transient=True) from None
+        if response.status_code >= 400:
+            raise _error_from_response(writer_name, response)
+        try:
+            reply = response.json()
+        except ValueError:
+            raise WriterError(f"{writer_name}: response is not JSON", transient=True) from None
+        if not isinstance(reply, dict):
+            raise WriterError(f"{writer_name}: response is not a JSON object", transient=True)
+        return reply
+
+
+@contextlib.contextmanager
+def _timed_call(writer_name: str) -> Iterator[None]:
     started = time.perf_counter()
+    outcome = ProviderOutcome.TRANSIENT_ERROR  # also for a cancelled call
     try:
-        reply = await _post_json(writer_name, client, url, headers=headers, body=body, timeout=timeout)
+        yield
+        outcome = ProviderOutcome.OK
     except WriterError as error:
         outcome = ProviderOutcome.TRANSIENT_ERROR if error.transient else ProviderOutcome.PERMANENT_ERROR
-        observe_provider_call(ProviderKind.WRITER, writer_name, outcome, time.perf_counter() - started)
         raise
-    observe_provider_call(ProviderKind.WRITER, writer_name, ProviderOutcome.OK, time.perf_counter() - started)
-    return reply
-
-
-async def _post_json(
-    writer_name: str,
-    client: httpx.AsyncClient | None,
-    url: str,
-    *,
-    headers: dict[str, str],
-    body: dict[str, Any],
-    timeout: float,
-) -> dict[str, Any]:
-    async with _http_client(client) as http:
-        try:
-            response = await http.post(url, json=body, headers=headers, timeout=timeout)
-        except httpx.TimeoutException:
-            raise WriterTimeout(f"{writer_name}: request timed out", transient=True) from None
-        except httpx.TransportError as error:
-            raise WriterError(f"{writer_name}: {type(error).__name__}", transient=True) from None
-    if response.status_code >= 400:
-        raise _error_from_response(writer_name, response)
-    try:
-        reply = response.json()
-    except ValueError:
-        raise WriterError(f"{writer_name}: response is not JSON", transient=True) from None
-    if not isinstance(reply, dict):
-        raise WriterError(f"{writer_name}: response is not a JSON object", transient=True)
-    return reply
+    finally:
+        observe_provider_call(ProviderKind.WRITER, writer_name, outcome, time.perf_counter() - started)
 
 
 @contextlib.asynccontextmanager
