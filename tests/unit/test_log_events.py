@@ -32,11 +32,15 @@ def _event_names(path: Path) -> list[tuple[int, str]]:
             first = node.args[0]
             if isinstance(first, ast.Constant) and isinstance(first.value, str):
                 names.append((node.lineno, first.value))
-            elif isinstance(first, ast.JoinedStr):  # f"{area}.step_started": the literal tail counts
-                tail = first.values[-1]
-                if isinstance(tail, ast.Constant):
-                    names.append((node.lineno, "area" + str(tail.value)))
+            elif isinstance(first, ast.JoinedStr):  # f"{area}.step_started": the literal parts count
+                names.append((node.lineno, _shape_of(first)))
     return names
+
+
+def _shape_of(template: ast.JoinedStr) -> str:
+    """An f-string event name with each placeholder read as a plain word: f"{area}.step_started"
+    is checked as "x.step_started", f"credits.{what}_refused" as "credits.x_refused"."""
+    return "".join(str(part.value) if isinstance(part, ast.Constant) else "x" for part in template.values)
 
 
 def scheme_problem(name: str) -> str | None:
