@@ -144,6 +144,13 @@ def env_listen_addr(env: Mapping[str, str], name: str, default: str) -> str:
     return addr
 
 
+def env_metrics_addr(env: Mapping[str, str], name: str = "METRICS_ADDR") -> str | None:
+    """Where to serve Prometheus metrics ("host:port"); None (no endpoint, no metrics) when unset or empty."""
+    if _raw(env, name) is None:
+        return None
+    return env_listen_addr(env, name, "")
+
+
 def env_database_url(
     env: Mapping[str, str], name: str = "DATABASE_URL", default: str | None = None
 ) -> str:

@@ -70,7 +70,7 @@ async def create_pool(
         except _TRANSIENT_CONNECT_ERRORS as error:
             if asyncio.get_running_loop().time() >= deadline:
                 raise DatabaseUnreachable(dsn, str(error) or type(error).__name__) from None
-            log.warning("db.connect_retry", extra={"database": database_name(dsn), "error": str(error)})
+            log.warning("db.connect_retried", extra={"database": database_name(dsn), "error": str(error)})
             await asyncio.sleep(0.5)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as error:
             raise DatabaseUnreachable(dsn, str(error)) from None

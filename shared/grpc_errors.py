@@ -117,7 +117,7 @@ class ErrorTable:
     def refusal_for(self, error: BaseException) -> Refusal:
         entry = self.entry_for(error)
         if entry is None:
-            log.error("rpc.unmapped_error", extra={"error": repr(error), "error_class": type(error).__name__})
+            log.error("rpc.error_unmapped", extra={"error": repr(error), "error_class": type(error).__name__})
             return Refusal(grpc.StatusCode.INTERNAL, "internal error; nothing was changed")
         code, reason = entry
         if reason is None and code in _CODES_WITH_ERROR_INFO:

@@ -22,7 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shared.config import ConfigError
 from shared.grpc_errors import abort, invalid_argument
 from shared.logs import configure_logging
+from shared.metrics import MetricsEndpoint, serve_metrics
 from shared.reflection import enable_reflection
+from shared.rpc_metrics import RpcMetricsInterceptor
 
 ConfigT = TypeVar("ConfigT")
 
@@ -51,6 +53,8 @@ class RunningServer:
     # Run once the server stops taking new calls, before the grace: they end calls that
     # would otherwise run until cancelled (streams that wait for a change, say).
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The /metrics endpoint, when METRICS_ADDR asked for one.
+    metrics: MetricsEndpoint | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING first so balancers stop routing here, then drain calls."""
@@ -60,6 +64,10 @@ class RunningServer:
             await callback()
         self.on_stop.clear()
         await stopping
+        # Last, so the final scrape during the grace still answers.
+        metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            await asyncio.to_thread(metrics.stop)
 
 
 async def start_grpc_server(
@@ -67,8 +75,16 @@ async def start_grpc_server(
     listen_addr: str,
     services: Sequence[ServiceSpec],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    metrics_addr: str | None = None,
 ) -> RunningServer:
-    """Serve `services` plus health and reflection on `listen_addr` (port 0: any free port)."""
+    """Serve `services` plus health and reflection on `listen_addr` (port 0: any free port).
+
+    With `metrics_addr` (METRICS_ADDR) the process also serves Prometheus metrics there,
+    and every RPC is counted and timed; without it neither costs anything.
+    """
+    if metrics_addr:
+        # First, so that what later interceptors refuse is counted as well.
+        interceptors = [RpcMetricsInterceptor(), *interceptors]
     server = grpc.aio.server(interceptors=list(interceptors), options=_SERVER_OPTIONS)
     for service in services:
         service.register(server)
@@ -77,10 +93,16 @@ async def start_grpc_server(
     service_names = [service.name for service in services]
     enable_reflection(server, [*service_names, health.SERVICE_NAME])
     port = _bind(server, listen_addr)
-    await server.start()
+    metrics = serve_metrics(metrics_addr) if metrics_addr else None
+    try:
+        await server.start()
+    except BaseException:
+        if metrics is not None:
+            metrics.stop()
+        raise
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server=server, port=port, health=health_servicer)
+    return RunningServer(server=server, port=port, health=health_servicer, metrics=metrics)
 
 
 def add_strictly_decoded(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
@@ -149,7 +171,7 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
     def on_signal(signum: signal.Signals) -> None:
         if stop.is_set():
-            log.warning("service.forced_exit", extra={"signal": signum.name})
+            log.warning("service.exit_forced", extra={"signal": signum.name})
             logging.shutdown()
             os._exit(_FORCED_EXIT_STATUS)
         log.info("service.stop_requested", extra={"signal": signum.name})
@@ -171,14 +193,15 @@ async def run_service(
     try:
         async with AsyncExitStack() as stack:
             server = await build(stack)
-            log.info("service.started", extra={"service_name": name, "port": server.port})
+            metrics_url = server.metrics.url if server.metrics is not None else None
+            log.info("service.started", extra={"service_name": name, "port": server.port, "metrics_url": metrics_url})
             await stop.wait()
-            log.info("service.stopping", extra={"service_name": name, "grace_seconds": grace})
+            log.info("service.stop_started", extra={"service_name": name, "grace_seconds": grace})
             await server.stop(grace)
     except ConfigError as error:
         # A setting that looked right but is unusable (DATABASE_URL names no reachable
         # database): the same clear one-line answer as a malformed setting.
-        log.error("config.invalid", extra={"service_name": name, "error": str(error)})
+        log.error("config.rejected", extra={"service_name": name, "error": str(error)})
         raise SystemExit(_CONFIG_ERROR_STATUS) from None
     except Exception:
         # Logged here so that the reason a service died is a JSON line like everything else.
@@ -200,7 +223,7 @@ def serve_main(
     try:
         config = read_config(os.environ)
     except ConfigError as error:
-        log.error("config.invalid", extra={"service_name": name, "error": str(error)})
+        log.error("config.rejected", extra={"service_name": name, "error": str(error)})
         sys.exit(_CONFIG_ERROR_STATUS)
     try:
         asyncio.run(run_service(name, lambda stack: build(config, stack)))

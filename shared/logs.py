@@ -1,16 +1,28 @@
 """One JSON object per log line, with secrets redacted by key name.
 
-Modules log with `log.info("portrait.uploaded", extra={"story_id": ...})`; the message is
-the stable event name and every `extra` field becomes a top-level key.
+Modules log with `log.info("portrait.object_stored", extra={"story_id": ...})`; the message
+is the stable event name and every `extra` field becomes a top-level key.
+
+Event names follow one scheme in every service: `<area>.<thing>_<past participle>`, all
+lowercase, e.g. `story.write_failed`, `outbox.batch_published`, `consumer.message_retried`.
+The area is the part of the system (service, config, rpc, story, outbox, consumer,
+portrait, writer, provider, ...); the rest says what happened to what, in the past tense.
+tests/unit/test_log_events.py holds every service to it.
+
+A pipeline step (see `logged_step`) logs `<area>.step_started`, then `<area>.step_succeeded`
+or `<area>.step_failed`, each with the same keys: story_id, attempt, step, duration_ms and
+error (null where they do not apply yet).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -88,3 +100,48 @@ def configure_logging(service: str, level: str = "INFO", stream: TextIO | None =
     handler.setFormatter(JsonFormatter(service))
     root.addHandler(handler)
     root.setLevel(numeric_level)
+
+
+def _describe_error(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+@contextlib.contextmanager
+def logged_step(
+    logger: logging.Logger,
+    area: str,
+    step: str,
+    ids: Mapping[str, Any],
+    *,
+    describe: Callable[[BaseException], str] = _describe_error,
+    observe: Callable[[str, bool, float], None] | None = None,
+    **fields: Any,
+) -> Iterator[dict[str, Any]]:
+    """Logs one pipeline step: started, then succeeded or failed, with its duration.
+
+    `ids` names what the step works on (story_id and attempt for the portrait pipeline);
+    the dict it yields takes fields that only the step's result knows, for the last line;
+    `observe(step, ok, seconds)` records the step in a metric as well. The exception, if
+    any, goes on unchanged; a cancellation (shutdown) is a failure too.
+    """
+    line = {**ids, "step": step, **fields}
+    logger.info(f"{area}.step_started", extra={**line, "duration_ms": None, "error": None})
+    started = time.perf_counter()
+    outcome: dict[str, Any] = {}
+    try:
+        yield outcome
+    except BaseException as error:
+        seconds = time.perf_counter() - started
+        logger.warning(
+            f"{area}.step_failed",
+            extra={**line, **outcome, "duration_ms": round(seconds * 1000, 1), "error": describe(error)},
+        )
+        if observe is not None:
+            observe(step, False, seconds)
+        raise
+    seconds = time.perf_counter() - started
+    logger.info(
+        f"{area}.step_succeeded", extra={**line, **outcome, "duration_ms": round(seconds * 1000, 1), "error": None}
+    )
+    if observe is not None:
+        observe(step, True, seconds)

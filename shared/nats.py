@@ -216,7 +216,7 @@ async def ensure_pull_consumer(
     """
     if backoff_seconds and backoff_seconds[0] < ack_wait_seconds:
         log.warning(
-            "nats.backoff_overrides_ack_wait",
+            "nats.ack_wait_overridden",
             extra={"consumer": durable, "ack_wait": ack_wait_seconds, "backoff": backoff_seconds},
         )
     wanted = ConsumerConfig(

@@ -27,15 +27,21 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from shared.config import Secret
+from shared.logs import logged_step
+from shared.metrics import ScrapeCollector
 from shared.nats import NatsTarget, connect_nats_until_ready, msg_id_headers
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,18 @@ _CHANNEL_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 # Deleting published rows in slices keeps each prune transaction short.
 _PRUNE_SLICE = 1000
 _LISTEN_RETRY_SECONDS = 1.0
+_BACKLOG_READ_TIMEOUT_SECONDS = 2.0
+
+PUBLISHED = Counter("casefile_outbox_published_total", "Outbox rows JetStream acknowledged.", ["outbox"])
+PUBLISH_FAILURES = Counter(
+    "casefile_outbox_publish_failures_total", "Publishes of outbox rows that failed (each is tried again).", ["outbox"]
+)
+PUBLISH_LAG_SECONDS = Histogram(
+    "casefile_outbox_publish_lag_seconds",
+    "From an outbox row's commit to JetStream's acknowledgement of it.",
+    ["outbox"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
 
 
 @dataclass(frozen=True)
@@ -53,13 +71,19 @@ class OutboxTable:
 
     table: str  # schema-qualified, e.g. "story.outbox"
     channel: str  # e.g. "story_outbox"
+    # Columns whose values go on each row's log lines, as log key -> column, e.g.
+    # {"story_id": "story_id", "attempt": "portrait_attempt"}: what an operator greps for.
+    log_columns: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # Both are spliced into SQL text, so they must be plain identifiers.
+        # All are spliced into SQL text, so they must be plain identifiers.
         if not _QUALIFIED_NAME.match(self.table):
             raise ValueError(f"outbox table must be schema.table in lowercase, got {self.table!r}")
         if not _CHANNEL_NAME.match(self.channel):
             raise ValueError(f"outbox channel must be a lowercase identifier, got {self.channel!r}")
+        for column in self.log_columns.values():
+            if not _CHANNEL_NAME.match(column):
+                raise ValueError(f"outbox log column must be a lowercase identifier, got {column!r}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,7 @@ class OutboxRow:
     msg_id: str
     payload: bytes
     created_at: datetime
+    log_ids: Mapping[str, Any] = field(default_factory=dict)
 
 
 class OutboxRelay:
@@ -195,7 +220,7 @@ class OutboxRelay:
                 await self._prepare(js)
                 return
             except Exception as error:  # noqa: BLE001 - any failure here means "NATS not ready yet"
-                log.warning("outbox.streams_not_ready", extra={"outbox": self._outbox.table, "error": repr(error)})
+                log.warning("outbox.stream_setup_failed", extra={"outbox": self._outbox.table, "error": repr(error)})
                 await asyncio.sleep(1.0)
 
     async def _sleep_until_woken(self, timeout: float, *, wake_early: bool = True) -> None:
@@ -225,42 +250,71 @@ class OutboxRelay:
                         ORDER BY outbox_id
                         LIMIT $1
                         FOR UPDATE SKIP LOCKED)
-                RETURNING o.outbox_id, o.subject, o.msg_id, o.payload, o.created_at
+                RETURNING o.outbox_id, o.subject, o.msg_id, o.payload, o.created_at{self._log_select()}
                 """,
                 settings.batch_size,
                 settings.claim_seconds,
                 timeout=settings.statement_timeout_seconds,
             )
-        rows = [OutboxRow(**dict(record)) for record in records]
+        rows = [self._row(record) for record in records]
         rows.sort(key=lambda row: row.outbox_id)
         return rows
 
+    def _log_select(self) -> str:
+        return "".join(f", o.{column} AS log_{key}" for key, column in self._outbox.log_columns.items())
+
+    def _row(self, record: asyncpg.Record) -> OutboxRow:
+        values = dict(record)
+        log_ids = {key: values.pop(f"log_{key}") for key in self._outbox.log_columns}
+        return OutboxRow(**values, log_ids=log_ids)
+
     async def _publish(self, js: JetStreamContext, row: OutboxRow) -> str | None:
-        """None once JetStream acknowledged the row, else why not."""
+        """None once JetStream acknowledged the row, else why not. One pipeline step: its
+        lines carry the row's log columns (a story's id and attempt) and its msg_id."""
+        ids = {**row.log_ids, "msg_id": row.msg_id, "outbox_id": row.outbox_id}
         try:
-            ack = await js.publish(
-                row.subject,
-                row.payload or b"",
-                timeout=self._settings.publish_timeout_seconds,
-                headers=msg_id_headers(row.msg_id),
-            )
+            with logged_step(log, "outbox", "publish", ids, describe=repr, subject=row.subject) as outcome:
+                ack = await js.publish(
+                    row.subject,
+                    row.payload or b"",
+                    timeout=self._settings.publish_timeout_seconds,
+                    headers=msg_id_headers(row.msg_id),
+                )
+                outcome.update(stream_seq=ack.seq, duplicate=bool(ack.duplicate))
         except Exception as error:  # noqa: BLE001 - every publish failure is retried later
-            log.warning(
-                "outbox.publish_failed",
-                extra={"outbox_id": row.outbox_id, "msg_id": row.msg_id, "error": repr(error)},
-            )
+            PUBLISH_FAILURES.labels(self._outbox.table).inc()
             return repr(error)[:1000]
-        log.info(
-            "outbox.published",
-            extra={
-                "outbox_id": row.outbox_id,
-                "msg_id": row.msg_id,
-                "subject": row.subject,
-                "stream_seq": ack.seq,
-                "duplicate": bool(ack.duplicate),
-            },
-        )
+        PUBLISHED.labels(self._outbox.table).inc()
+        PUBLISH_LAG_SECONDS.labels(self._outbox.table).observe(max(0.0, time.time() - row.created_at.timestamp()))
         return None
+
+    # ------------------------------------------------------------------ metrics
+
+    def backlog_metrics(self) -> ScrapeCollector:
+        """Registers this outbox's backlog with the process's metrics, read from the table at
+        each scrape (so it shows while NATS is down and the relay waits); close() unregisters."""
+        table = self._outbox.table
+
+        async def read() -> list[Metric]:
+            async with self._pool.acquire(timeout=_BACKLOG_READ_TIMEOUT_SECONDS) as conn:
+                row = await conn.fetchrow(
+                    f"""SELECT count(*) AS rows, extract(epoch FROM now() - min(created_at)) AS oldest
+                          FROM {table} WHERE published_at IS NULL""",
+                    timeout=_BACKLOG_READ_TIMEOUT_SECONDS,
+                )
+            backlog = GaugeMetricFamily(
+                "casefile_outbox_backlog", "Outbox rows committed but not yet published.", labels=["outbox"]
+            )
+            backlog.add_metric([table], row["rows"])
+            oldest = GaugeMetricFamily(
+                "casefile_outbox_oldest_unpublished_seconds",
+                "Age of the oldest outbox row not yet published (0 when none waits).",
+                labels=["outbox"],
+            )
+            oldest.add_metric([table], float(row["oldest"] or 0.0))
+            return [backlog, oldest]
+
+        return ScrapeCollector(f"outbox {table}", read, timeout=_BACKLOG_READ_TIMEOUT_SECONDS + 0.5)
 
     async def _mark(self, published: list[int], failed: list[tuple[int, str]]) -> None:
         table = self._outbox.table

@@ -36,7 +36,8 @@ async def call_with_retries(
     """Runs `operation` until it succeeds, fails permanently, or the budget is spent.
 
     A transient failure waits max(backoff, the error's retry-after), capped by what is left
-    of the budget, then tries again; the wait never ends past the budget. `max_retries`
+    of the budget, then tries again; the wait never ends past the budget, and a retry-after
+    longer than what is left re-raises at once. `max_retries`
     bounds the number of retries as well (generation jobs allow three). When either limit
     is reached the last error is re-raised unchanged.
     """
@@ -52,9 +53,14 @@ async def call_with_retries(
             remaining = deadline - clock()
             if remaining <= 0 or (max_retries is not None and retries >= max_retries):
                 raise
+            told_to_wait = retry_after(error) or 0.0
+            if told_to_wait > remaining:
+                # The server will not answer within the budget: waiting would spend it for
+                # nothing, and the caller is better told now (with that wait) than then.
+                raise
             retries += 1
             backoff = _backoff(retries, first_delay, max_delay, jitter)
-            delay = min(max(backoff, retry_after(error) or 0.0), remaining)
+            delay = min(max(backoff, told_to_wait), remaining)
             if on_retry is not None:
                 on_retry(error, retries, delay)
             await sleep(delay)

@@ -173,7 +173,7 @@ def _local_cluster_versions(port: int) -> list[str]:
 
 def _start_cluster(version: str, host: str, port: int) -> None:
     command = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"]
-    log.info("postgres.starting", extra={"version": version, "port": port})
+    log.info("postgres.start_requested", extra={"version": version, "port": port})
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as error:
@@ -270,7 +270,7 @@ class ManagedProcess:
         try:
             self._process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            log.warning("process.killed_after_grace", extra={"component": self.label, "grace_s": grace})
+            log.warning("process.killed", extra={"component": self.label, "grace_s": grace})
             self._signal_group(signal.SIGKILL)
             self._process.wait()
         return self._finish()

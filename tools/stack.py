@@ -53,6 +53,13 @@ SERVICE_DEFAULTS = {
     "PORTRAIT_PROVIDER": "local",
     "STORY_WRITER": "local",
 }
+# Each service's Prometheus endpoint under `make run`: its own port, given to it as
+# METRICS_ADDR. <NAME>_METRICS_ADDR overrides one; an empty value turns its metrics off.
+METRICS_DEFAULTS = {
+    "STORY_METRICS_ADDR": "127.0.0.1:9151",
+    "IMAGE_METRICS_ADDR": "127.0.0.1:9152",
+    "CREDITS_METRICS_ADDR": "127.0.0.1:9153",
+}
 # Only ever used against the S3 server started here, which accepts nothing else.
 LOCAL_S3_ACCESS_KEY = "casefile-dev"
 LOCAL_S3_SECRET_KEY = "casefile-dev-secret"
@@ -85,7 +92,7 @@ def read_config(environ: Mapping[str, str]) -> StackConfig:
     raw_port = environ.get("STACK_S3_PORT", str(DEFAULT_S3_PORT))
     if not raw_port.isdigit():
         raise StackFailed(f"STACK_S3_PORT must be a port number, got {raw_port!r}")
-    service_env = {**SERVICE_DEFAULTS, **environ}
+    service_env = {**SERVICE_DEFAULTS, **METRICS_DEFAULTS, **environ}
     return StackConfig(run_dir=run_dir, s3_port=int(raw_port), service_env=service_env)
 
 
@@ -143,7 +150,7 @@ class Stack:
         for name in START_ORDER:
             if stopping.is_set():
                 return False
-            service = ServiceProcess(name, self.env, self.config.log_dir / f"{name}.log").start()
+            service = ServiceProcess(name, service_env(self.env, name), self.config.log_dir / f"{name}.log").start()
             self.services.append(service)
             address = self.env[f"{name.upper()}_ADDR"]
             try:
@@ -152,7 +159,7 @@ class Stack:
                 raise StackFailed(str(error)) from error
             if not healthy:
                 return False
-            log.info("stack.service_healthy", extra={"service": name, "addr": address})
+            log.info("stack.service_started", extra={"service": name, "addr": address})
         return True
 
     async def watch_services(self, stopping: asyncio.Event) -> int:
@@ -184,6 +191,19 @@ class Stack:
             process.kill()
 
 
+def service_env(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """The environment of one service: the stack's, with that service's own METRICS_ADDR."""
+    return {**env, "METRICS_ADDR": env.get(f"{name.upper()}_METRICS_ADDR", "")}
+
+
+def _metrics_lines(env: Mapping[str, str]) -> list[str]:
+    lines = []
+    for name in START_ORDER:
+        addr = env.get(f"{name.upper()}_METRICS_ADDR", "")
+        lines.append(f"  {name:<8} http://{addr}/metrics" if addr else f"  {name:<8} off")
+    return lines
+
+
 async def _unless_stopping(work: Awaitable[None], stopping: asyncio.Event) -> bool:
     """Run `work` unless `stopping` is set first; True when the work finished."""
     work_task = asyncio.ensure_future(work)
@@ -207,10 +227,10 @@ def _install_signal_handlers(stack: Stack, stopping: asyncio.Event) -> None:
     def on_signal(signum: int) -> None:
         if stopping.is_set():
             # A second Ctrl-C means "now": no more grace periods.
-            log.warning("stack.killing", extra={"signal": signal.Signals(signum).name})
+            log.warning("stack.kill_requested", extra={"signal": signal.Signals(signum).name})
             stack.kill()
             os._exit(1)
-        log.info("stack.stopping", extra={"signal": signal.Signals(signum).name})
+        log.info("stack.stop_requested", extra={"signal": signal.Signals(signum).name})
         stopping.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -258,6 +278,9 @@ def ready_banner(env: Mapping[str, str], config: StackConfig) -> str:
         f"  credits  {env['CREDITS_ADDR']}",
         f"  nats     {env['NATS_URL']}",
         f"  s3       {env['S3_ENDPOINT_URL']} bucket {env['S3_BUCKET']}",
+        "",
+        "Prometheus metrics:",
+        *_metrics_lines(env),
         "",
         "Write a story (its portrait follows moments later):",
         f"  {grpcurl}",

@@ -352,7 +352,7 @@ async def _connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     except Exception as error:
         if not storage.is_unavailable(error):
             raise
-        log.warning("credits.database_unavailable", extra={"error": repr(error)})
+        log.warning("credits.database_unreached", extra={"error": repr(error)})
         raise CreditsUnavailable() from error
 
 
@@ -362,7 +362,7 @@ async def _retrying(attempt: Callable[[], Awaitable[T]]) -> T:
         try:
             return await attempt()
         except storage.RACE_ERRORS as error:
-            log.info("credits.request_race", extra={"error": repr(error)})
+            log.info("credits.request_race_lost", extra={"error": repr(error)})
     raise RequestContended()
 
 

@@ -12,6 +12,7 @@ from shared.auth import AuthInterceptor
 from shared.db import close_pool, create_pool
 from shared.grpc_server import RunningServer, ServiceSpec, serve_main, start_grpc_server
 from shared.migrations import apply_migrations
+from services.credits.metrics import ledger_metrics
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,12 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         listen_addr=config.listen_addr,
         services=[ServiceSpec(SERVICE_NAME, register(servicer))],
         interceptors=[AuthInterceptor(config.auth_tokens.reveal(), ALLOWED_CALLERS)],
+        metrics_addr=config.metrics_addr,
     )
     # Pushed last so it runs first: calls drain before the pool they use closes. After
     # run_service's own graceful stop this second stop returns at once.
     stack.push_async_callback(running.stop, _STOP_GRACE_SECONDS)
+    stack.callback(ledger_metrics(pool).close)  # unregistered first, before the pool closes
     return running
 
 

@@ -18,6 +18,7 @@ from shared.config import (
     env_float,
     env_int,
     env_listen_addr,
+    env_metrics_addr,
     env_secret,
     env_str,
     env_nats,
@@ -125,6 +126,8 @@ class Config:
     portrait_provider_timeout_seconds: float
     portrait_step_timeout_seconds: float
     providers: ProviderSettings
+    # Where Prometheus metrics are served (METRICS_ADDR); None: no endpoint.
+    metrics_addr: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -135,6 +138,7 @@ class Config:
         if max_ack_pending < concurrency:
             raise ConfigError("PORTRAIT_MAX_ACK_PENDING", "must be at least PORTRAIT_CONCURRENCY (and far above it)")
         return cls(
+            metrics_addr=env_metrics_addr(env, "METRICS_ADDR"),
             listen_addr=env_listen_addr(env, "IMAGE_ADDR", "127.0.0.1:50052"),
             database_url=env_database_secret(env, "DATABASE_URL", DEFAULT_DATABASE_URL),
             database_connect_timeout_seconds=env_float(env, "DATABASE_CONNECT_TIMEOUT_SECONDS", 15, minimum=0),

@@ -29,12 +29,28 @@ from dataclasses import dataclass
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from prometheus_client import Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily, Metric
 
+from shared.metrics import ScrapeCollector
 from shared.nats import NatsTarget, StreamSpec, connect_nats_until_ready, ensure_pull_consumer, ensure_stream
 
 log = logging.getLogger(__name__)
 
 HEARTBEATS_PER_ACK_WAIT = 3
+_CONSUMER_INFO_TIMEOUT_SECONDS = 2.0
+
+DELIVERIES = Counter(
+    "casefile_consumer_deliveries_total",
+    "Messages this process handled, by what it answered (ack, retry, term, exhausted).",
+    ["consumer", "verdict"],
+)
+REDELIVERIES = Counter(
+    "casefile_consumer_redeliveries_total",
+    "Messages this process received that JetStream had delivered before (a retry, a crashed or slow worker).",
+    ["consumer"],
+)
+IN_FLIGHT = Gauge("casefile_consumer_in_flight", "Messages this process is working on now.", ["consumer"])
 
 
 class Verdict(enum.Enum):
@@ -176,7 +192,7 @@ class DurableConsumer:
                 # declare everything again after a pause, and go on.
                 self.ready.clear()
                 log.warning(
-                    "consumer.error",
+                    "consumer.fetch_failed",
                     extra={"consumer": settings.durable, "error": f"{type(error).__name__}: {error}"},
                 )
                 await _unsubscribe_quietly(subscription)
@@ -199,7 +215,7 @@ class DurableConsumer:
             max_ack_pending=settings.max_ack_pending,
         )
         subscription = await js.pull_subscribe_bind(settings.durable, stream=settings.stream.name)
-        log.info("consumer.ready", extra={"stream": settings.stream.name, "consumer": settings.durable})
+        log.info("consumer.subscribed", extra={"stream": settings.stream.name, "consumer": settings.durable})
         self.ready.set()
         return subscription
 
@@ -229,7 +245,47 @@ class DurableConsumer:
     def _spawn(self, message: Msg) -> None:
         task = asyncio.create_task(self._handle(message), name=f"{self._settings.durable}-message")
         self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        in_flight = IN_FLIGHT.labels(self._settings.durable)
+        in_flight.inc()
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._in_flight.discard(finished)
+            in_flight.dec()
+
+        task.add_done_callback(done)
+
+    def metrics(self) -> ScrapeCollector:
+        """Registers what JetStream says of this consumer (asked at each scrape) with the
+        process's metrics; close() unregisters it. Every process reports the same consumer,
+        so aggregate with max()."""
+        settings = self._settings
+
+        async def read() -> list[Metric]:
+            if self._nc is None or not self._nc.is_connected:
+                return []
+            info = await self._nc.jetstream().consumer_info(
+                settings.stream.name, settings.durable, timeout=_CONSUMER_INFO_TIMEOUT_SECONDS
+            )
+            families = []
+            for name, value, meaning in (
+                ("casefile_consumer_pending_messages", info.num_pending, "Messages in the stream not yet delivered."),
+                (
+                    "casefile_consumer_ack_pending_messages",
+                    info.num_ack_pending,
+                    "Messages delivered and not yet acknowledged (in work, or waiting out a retry delay).",
+                ),
+                (
+                    "casefile_consumer_redelivered_messages",
+                    info.num_redelivered,
+                    "Messages pending acknowledgement that were delivered more than once.",
+                ),
+            ):
+                family = GaugeMetricFamily(name, meaning, labels=["consumer"])
+                family.add_metric([settings.durable], value or 0)
+                families.append(family)
+            return families
+
+        return ScrapeCollector(f"consumer {settings.durable}", read, timeout=_CONSUMER_INFO_TIMEOUT_SECONDS + 0.5)
 
     async def _handle(self, message: Msg) -> None:
         settings = self._settings
@@ -241,6 +297,8 @@ class DurableConsumer:
             stream_sequence=metadata.sequence.stream,
         )
         fields = {"consumer": settings.durable, "stream_seq": delivery.stream_sequence, "delivery": delivery.number}
+        if delivery.number > 1:
+            REDELIVERIES.labels(settings.durable).inc()
         try:
             outcome = await self._handle_keeping_message(message, delivery)
         except asyncio.CancelledError:
@@ -282,20 +340,25 @@ class DurableConsumer:
 
     async def _answer(self, message: Msg, delivery: Delivery, outcome: Outcome, fields: dict) -> None:
         fields = {**fields, "status": outcome.status}
+        durable = self._settings.durable
         if outcome.verdict is Verdict.ACK:
+            DELIVERIES.labels(durable, "ack").inc()
             log.info("consumer.message_done", extra=fields)
             await _settle(message.ack(), "ack", fields)
         elif outcome.verdict is Verdict.TERM:
+            DELIVERIES.labels(durable, "term").inc()
             log.error("consumer.message_terminated", extra={**fields, "error": outcome.reason})
             await _settle(message.term(), "term", fields)
         elif delivery.final:
             # A nak, not a term: JetStream then announces the message as out of deliveries
             # (MAX_DELIVERIES advisory), which a dead-letter consumer can act on.
+            DELIVERIES.labels(durable, "exhausted").inc()
             log.error("consumer.deliveries_exhausted", extra={**fields, "error": outcome.reason})
             await _settle(message.nak(), "nak", fields)
         else:
+            DELIVERIES.labels(durable, "retry").inc()
             delay = max(outcome.delay_seconds or 0.0, self._settings.nak_delay(delivery.number))
-            log.warning("consumer.message_retry", extra={**fields, "delay_seconds": delay, "error": outcome.reason})
+            log.warning("consumer.message_retried", extra={**fields, "delay_seconds": delay, "error": outcome.reason})
             await _settle(message.nak(delay=delay), "nak", fields)
 
 

@@ -82,6 +82,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
             )
         ],
         interceptors=[AuthInterceptor(config.auth_tokens.reveal(), ALLOWED_CALLERS)],
+        metrics_addr=config.metrics_addr,
     )
     # Stopping twice is harmless; this covers callers (tests) that only close the stack.
     stack.push_async_callback(server.stop, 0)
@@ -125,7 +126,7 @@ async def _open_object_store(config: Config, stack: contextlib.AsyncExitStack) -
         timeout_seconds=config.portrait_step_timeout_seconds,
     )
     if not await objects.try_ensure_bucket():
-        log.warning("s3.unavailable_at_start", extra={"bucket": config.s3_bucket})
+        log.warning("s3.start_check_failed", extra={"bucket": config.s3_bucket})
     return objects
 
 
@@ -170,9 +171,11 @@ def _start_consumers(config: Config, deps: PortraitDeps, stack: contextlib.Async
     consumer = portrait_consumer(settings, paint)
     consumer.start()
     stack.push_async_callback(consumer.stop)
+    stack.callback(consumer.metrics().close)
     dead_letters = DeadLetters(settings, end_abandoned)
     dead_letters.start()
     stack.push_async_callback(dead_letters.stop)
+    stack.callback(dead_letters.consumer.metrics().close)
 
 
 def main() -> None:

@@ -143,7 +143,7 @@ class ObjectStore:
             if _error_code(error) in _FORBIDDEN_CODES:
                 # Credentials allowed to write objects but not to inspect the bucket are a
                 # normal least-privilege setup: the first put will tell if it is missing.
-                log.warning("s3.bucket_unverifiable", extra={"bucket": self.bucket})
+                log.warning("s3.bucket_check_failed", extra={"bucket": self.bucket})
                 return
             if _error_code(error) not in _MISSING_CODES:
                 raise

@@ -232,7 +232,7 @@ class ProviderRouter:
                 last_error = error
                 if isinstance(error, ProviderAccountUnusable) and position + 1 < len(routes):
                     log.warning(
-                        "provider.failover",
+                        "provider.failover_chosen",
                         extra={"model": spec.id, "provider": str(route.provider), "error": error.reason},
                     )
                     continue
@@ -244,7 +244,7 @@ class ProviderRouter:
             if breaker is not None:
                 breaker.record_success()
             if skipped:
-                log.info("provider.served_by_failover", extra={"model": spec.id, "provider": str(route.provider), "skipped": skipped})
+                log.info("provider.failover_served", extra={"model": spec.id, "provider": str(route.provider), "skipped": skipped})
             return result
         if last_error is not None:
             raise last_error

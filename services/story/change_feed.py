@@ -163,7 +163,7 @@ class StoryChangeFeed:
         )
         self._conn = conn
         await conn.add_listener(CHANNEL, self._on_notify)
-        log.info("story.change_feed_listening", extra={"channel": CHANNEL})
+        log.info("story.change_feed_started", extra={"channel": CHANNEL})
         return conn
 
     async def _close(self) -> None:

@@ -14,6 +14,7 @@ from shared.config import (
     env_float,
     env_int,
     env_listen_addr,
+    env_metrics_addr,
     env_secret,
     env_str,
     env_nats,
@@ -44,6 +45,8 @@ class Config:
     outbox_claim_seconds: float
     watch_max_seconds: float
     max_watchers: int
+    # Where Prometheus metrics are served (METRICS_ADDR); None: no endpoint.
+    metrics_addr: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -57,6 +60,7 @@ class Config:
             # A republish after a crash must fall inside JetStream's duplicate window.
             raise ConfigError("OUTBOX_CLAIM_SECONDS", f"must be below {DUPLICATE_WINDOW_SECONDS} (the stream's duplicate window)")
         return cls(
+            metrics_addr=env_metrics_addr(env, "METRICS_ADDR"),
             listen_addr=env_listen_addr(env, "STORY_ADDR", "127.0.0.1:50051"),
             database_url=env_database_secret(env, "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/casefile"),
             database_connect_timeout_seconds=env_float(env, "DATABASE_CONNECT_TIMEOUT_SECONDS", 15, minimum=0),

@@ -9,21 +9,27 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import datetime
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import asyncpg
 
 from services.story import storage
 from services.story.change_feed import WatcherLimitReached
+from services.story import model
+from services.story.difficulty import story_typing_difficulty
 from services.story.model import (
+    CALLER_WRITER,
     FINAL_PORTRAIT_STATUSES,
+    Authorship,
     Chapter,
+    Gender,
     PageCursor,
     Patient,
     PortraitStatus,
@@ -32,10 +38,12 @@ from services.story.model import (
     StoryPage,
 )
 from services.story.writers.base import StoryWriter, WriterError
+from shared.logs import logged_step
 from shared.validation import id_problem, optional_id_problem, text_problem
 
 __all__ = [
     "Chapter",
+    "Gender",
     "Patient",
     "PortraitStatus",
     "Story",
@@ -45,18 +53,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_THEME_LENGTH = 500
 MAX_STORAGE_ID_LENGTH = 1024
 MAX_REASON_LENGTH = 1000
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 MAX_ATTEMPT = 2**31 - 1
-# Only chapter text is typed over several lines; everywhere else a control character is a
-# bug or an attack on whoever displays the case file.
-CHAPTER_TEXT_CONTROLS = "\n\t"
+STORE_RETRY_SECONDS = 1.0
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 # Page tokens never name a time outside this range; anything else is forged.
-_EARLIEST_CURSOR = datetime(2000, 1, 1, tzinfo=UTC)
-_LATEST_CURSOR = datetime(9000, 1, 1, tzinfo=UTC)
+_EARLIEST_CURSOR = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
+_LATEST_CURSOR = datetime.datetime(9000, 1, 1, tzinfo=datetime.UTC)
 
 
 # --- errors: named after what happened; handlers.ERRORS picks the status code ----------
@@ -112,9 +118,18 @@ class PortraitInProgress(DomainError):
 class WriterUnavailable(DomainError):
     """The writer model failed or wrote something unusable; nothing was stored."""
 
+    def __init__(self, message: str, *, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        # The model's own Retry-After, when it gave one: the caller's RetryInfo.
+        self.retry_after_seconds = retry_after_seconds
+
 
 class StoreUnavailable(DomainError):
     """The story database cannot be reached; nothing was changed."""
+
+    # The pool reconnects on the next call, so a caller may try again at once; a second
+    # spares a database that is coming back from a flood of retries.
+    retry_after_seconds = STORE_RETRY_SECONDS
 
 
 class TooManyWatchers(DomainError):
@@ -165,39 +180,76 @@ def validate_attempt(attempt: int) -> int:
 
 
 def validate_content(content: StoryContent, prefix: str = "content") -> StoryContent:
-    """Checks every field of a case file; the error names the first bad one."""
-    title = _require_text(f"{prefix}.title", content.title, 200)
+    """Checks every field of a case file against the limits of services.story.model; the
+    error names the first bad field."""
+    title = _require_typeable(f"{prefix}.title", content.title, model.MAX_TITLE_CHARS)
     if content.patient is None:
         raise InvalidField(f"{prefix}.patient", "is required")
     patient = _validate_patient(content.patient, f"{prefix}.patient")
-    if not content.chapters:
-        raise InvalidField(f"{prefix}.chapters", "must have at least one chapter")
-    if len(content.chapters) > 20:
-        raise InvalidField(f"{prefix}.chapters", "must have at most 20 chapters")
+    if not model.MIN_CHAPTERS <= len(content.chapters) <= model.MAX_CHAPTERS:
+        raise InvalidField(
+            f"{prefix}.chapters",
+            f"must have {model.MIN_CHAPTERS} to {model.MAX_CHAPTERS} chapters, not {len(content.chapters)}",
+        )
     chapters = tuple(
         Chapter(
-            title=_require_text(f"{prefix}.chapters[{i}].title", chapter.title, 200),
-            text=_require_text(
-                f"{prefix}.chapters[{i}].text", chapter.text, 20_000, allowed_controls=CHAPTER_TEXT_CONTROLS
+            title=_require_typeable(f"{prefix}.chapters[{i}].title", chapter.title, model.MAX_CHAPTER_TITLE_CHARS),
+            text=_require_typeable(
+                f"{prefix}.chapters[{i}].text", chapter.text, model.MAX_CHAPTER_TEXT_CHARS, paragraphs=True
             ),
         )
         for i, chapter in enumerate(content.chapters)
     )
     prompt = content.image_generation_prompt
     # A blank prompt is allowed: the image service marks such a portrait SKIPPED.
-    _check(f"{prefix}.image_generation_prompt", text_problem(prompt, max_chars=4000, required=False))
+    _check(
+        f"{prefix}.image_generation_prompt",
+        text_problem(prompt, max_chars=model.MAX_IMAGE_PROMPT_CHARS, required=False),
+    )
     return StoryContent(title=title, patient=patient, chapters=chapters, image_generation_prompt=prompt.strip())
 
 
+def _require_typeable(field: str, value: str, max_length: int, *, paragraphs: bool = False) -> str:
+    """Text the player types: within bounds, and nothing a keyboard lacks (no markup, no tabs)."""
+    text = _require_text(field, value, max_length, allowed_controls=model.PARAGRAPH_BREAK if paragraphs else "")
+    odd = model.untypeable_chars(text, newlines=paragraphs)
+    if odd:
+        shown = " ".join(repr(char) if not char.isprintable() or char.isspace() else char for char in odd[:10])
+        raise InvalidField(field, f"must be plain typeable text without markup; remove {shown}")
+    return text
+
+
 def _validate_patient(patient: Patient, prefix: str) -> Patient:
-    if not 0 <= patient.age <= 130:
-        raise InvalidField(f"{prefix}.age", "must be between 0 and 130")
+    if not model.MIN_AGE <= patient.age <= model.MAX_AGE:
+        raise InvalidField(f"{prefix}.age", f"must be between {model.MIN_AGE} and {model.MAX_AGE}")
+    if patient.gender is None:
+        raise InvalidField(f"{prefix}.gender", f"is required: one of {', '.join(g.name for g in Gender)}")
+    admitted = patient.admission_date
+    if admitted is None:
+        raise InvalidField(f"{prefix}.admission_date", "is required, as YYYY-MM-DD")
+    if not model.EARLIEST_ADMISSION <= admitted <= model.LATEST_ADMISSION:
+        raise InvalidField(
+            f"{prefix}.admission_date",
+            f"must be from {model.EARLIEST_ADMISSION.isoformat()} to {model.LATEST_ADMISSION.isoformat()}",
+        )
     return Patient(
-        name=_require_text(f"{prefix}.name", patient.name, 200),
+        name=_require_text(f"{prefix}.name", patient.name, model.MAX_NAME_CHARS),
         age=patient.age,
-        diagnosis=_require_text(f"{prefix}.diagnosis", patient.diagnosis, 500),
-        appearance=_require_text(f"{prefix}.appearance", patient.appearance, 2000),
+        diagnosis=_require_text(f"{prefix}.diagnosis", patient.diagnosis, model.MAX_DIAGNOSIS_CHARS),
+        appearance=_require_text(f"{prefix}.appearance", patient.appearance, model.MAX_APPEARANCE_CHARS),
+        gender=patient.gender,
+        admission_date=admitted,
     )
+
+
+def parse_admission_date(value: str, field: str) -> datetime.date:
+    """An ISO calendar date, YYYY-MM-DD exactly; anything else names `field`."""
+    if len(value) != 10 or not _ISO_DATE.fullmatch(value):
+        raise InvalidField(field, "must be a date written YYYY-MM-DD")
+    try:
+        return datetime.date.fromisoformat(value)
+    except ValueError:
+        raise InvalidField(field, "must be a real calendar date written YYYY-MM-DD") from None
 
 
 def _one_line(value: Any) -> str:
@@ -216,6 +268,8 @@ def content_from_writer(draft: Mapping[str, Any]) -> StoryContent:
                 age=int(patient["age"]),
                 diagnosis=_one_line(patient["diagnosis"]),
                 appearance=_one_line(patient["appearance"]),
+                gender=Gender(str(patient["gender"])),
+                admission_date=parse_admission_date(str(patient["admission_date"]), "story.patient.admission_date"),
             ),
             chapters=tuple(Chapter(title=_one_line(c["title"]), text=str(c["text"])) for c in draft["chapters"]),
             image_generation_prompt=_one_line(draft.get("image_generation_prompt") or ""),
@@ -245,7 +299,7 @@ def decode_page_token(token: str) -> PageCursor:
     if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(part, str) for part in parts)):
         raise invalid
     try:
-        create_time = datetime.fromisoformat(parts[0])
+        create_time = datetime.datetime.fromisoformat(parts[0])
         story_id = str(uuid.UUID(parts[1]))
         in_range = create_time.tzinfo is not None and _EARLIEST_CURSOR <= create_time <= _LATEST_CURSOR
     except (ValueError, OverflowError, TypeError):
@@ -281,7 +335,14 @@ async def create_story(
     user_id = validate_user_id(user_id)
     request_key = validate_request_id(request_id)
     content = validate_content(content)
-    return await _store_new_story(pool, user_id=user_id, content=content, request_key=request_key, on_committed=on_committed)
+    return await _store_new_story(
+        pool,
+        user_id=user_id,
+        content=content,
+        request_key=request_key,
+        authorship=Authorship(writer=CALLER_WRITER),
+        on_committed=on_committed,
+    )
 
 
 async def generate_story(
@@ -296,22 +357,30 @@ async def generate_story(
     """Asks the writer for a story, then stores it like create_story."""
     user_id = validate_user_id(user_id)
     request_key = validate_request_id(request_id)
-    _check("theme", text_problem(theme, max_chars=MAX_THEME_LENGTH, required=False))
+    _check("theme", text_problem(theme, max_chars=model.MAX_THEME_CHARS, required=False))
+    theme = theme.strip()
     if request_key is not None:
         async with _connection(pool) as conn:
             existing = await storage.find_by_request(conn, user_id, request_key)
         if existing is not None:
             return existing
     story_id = str(uuid.uuid4())
-    log.info("story.write_started", extra={"story_id": story_id, "user_id": user_id, "writer": writer.name})
+    # The first step of the portrait pipeline (attempt 1): its lines match the image service's.
+    ids = {"story_id": story_id, "attempt": 1, "user_id": user_id}
     try:
-        draft = await writer.write(theme=theme.strip() or None, seed=f"{user_id}\x00{request_key or story_id}")
+        with logged_step(log, "story", "write", ids, writer=writer.name, model=writer.model):
+            draft = await writer.write(theme=theme or None, seed=f"{user_id}\x00{request_key or story_id}")
+            content = content_from_writer(draft)
     except WriterError as error:
-        log.warning("story.write_failed", extra={"story_id": story_id, "user_id": user_id, "error": str(error)})
-        raise WriterUnavailable(f"the story writer failed: {error}") from None
-    content = content_from_writer(draft)
+        raise WriterUnavailable(f"the story writer failed: {error}", retry_after_seconds=error.retry_after) from None
     return await _store_new_story(
-        pool, user_id=user_id, content=content, request_key=request_key, story_id=story_id, on_committed=on_committed
+        pool,
+        user_id=user_id,
+        content=content,
+        request_key=request_key,
+        authorship=Authorship(writer=writer.name, model=writer.model, theme=theme),
+        story_id=story_id,
+        on_committed=on_committed,
     )
 
 
@@ -321,12 +390,16 @@ async def _store_new_story(
     user_id: str,
     content: StoryContent,
     request_key: str | None,
+    authorship: Authorship,
     story_id: str | None = None,
     on_committed: Callable[[], None] | None = None,
 ) -> Story:
     story_id = story_id or str(uuid.uuid4())
+    difficulty = story_typing_difficulty(content.title, content.chapters)
     async with _connection(pool) as conn, conn.transaction():
-        story = await storage.insert_story(conn, story_id, user_id, request_key, content)
+        story = await storage.insert_story(
+            conn, story_id, user_id, request_key, content, typing_difficulty=difficulty, authorship=authorship
+        )
         if story is None:
             # The same request_id already made a story: answer with it, write nothing.
             existing = await storage.find_by_request(conn, user_id, request_key)
@@ -372,7 +445,7 @@ async def set_story_image(pool: asyncpg.Pool, *, story_id: str, storage_id: str,
         if story.portrait_status in FINAL_PORTRAIT_STATUSES:
             raise PortraitAlreadyFinal(story)
         story = await storage.attach_portrait(conn, story_id, storage_id)
-    log.info("story.portrait_ready", extra={"story_id": story_id, "storage_id": storage_id, "attempt": attempt})
+    log.info("story.portrait_attached", extra={"story_id": story_id, "storage_id": storage_id, "attempt": attempt})
     return story
 
 

@@ -59,6 +59,13 @@ PORTRAIT_STATUS_TO_PROTO = {
     domain.PortraitStatus.SKIPPED: pb.PORTRAIT_STATUS_SKIPPED,
 }
 PORTRAIT_STATUS_FROM_PROTO = {value: key for key, value in PORTRAIT_STATUS_TO_PROTO.items()}
+GENDER_TO_PROTO = {
+    None: pb.GENDER_UNSPECIFIED,
+    domain.Gender.FEMALE: pb.GENDER_FEMALE,
+    domain.Gender.MALE: pb.GENDER_MALE,
+    domain.Gender.OTHER: pb.GENDER_OTHER,
+}
+GENDER_FROM_PROTO = {value: key for key, value in GENDER_TO_PROTO.items()}
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
@@ -73,7 +80,7 @@ def _abort_on_domain_error(method: Handler) -> Handler:
         except asyncpg.PostgresError as error:
             # Validation happens before SQL, so this is our fault, never the caller's; the
             # transaction rolled back, so nothing was half-written.
-            log.error("story.database_error", extra={"method": method.__name__, "error": repr(error)})
+            log.error("story.database_failed", extra={"method": method.__name__, "error": repr(error)})
             await context.abort(grpc.StatusCode.INTERNAL, "the story could not be stored; nothing was written")
 
     return wrapper  # type: ignore[return-value]
@@ -94,11 +101,19 @@ def story_to_proto(story: domain.Story) -> pb.Story:
     content = story.content
     patient = content.patient
     assert patient is not None, "stored stories always have a patient"
+    authorship = story.authorship
     return pb.Story(
         story_id=story.story_id,
         user_id=story.user_id,
         title=content.title,
-        patient=pb.Patient(name=patient.name, age=patient.age, diagnosis=patient.diagnosis, appearance=patient.appearance),
+        patient=pb.Patient(
+            name=patient.name,
+            age=patient.age,
+            diagnosis=patient.diagnosis,
+            appearance=patient.appearance,
+            gender=GENDER_TO_PROTO[patient.gender],
+            admission_date=patient.admission_date.isoformat() if patient.admission_date else "",
+        ),
         chapters=[pb.Chapter(title=c.title, text=c.text) for c in content.chapters],
         image_generation_prompt=content.image_generation_prompt,
         storage_id=story.storage_id,
@@ -107,21 +122,34 @@ def story_to_proto(story: domain.Story) -> pb.Story:
         create_time=_timestamp(story.create_time),
         update_time=_timestamp(story.update_time),
         portrait_attempt=story.portrait_attempt,
+        typing_difficulty=story.typing_difficulty,
+        theme=authorship.theme,
+        writer=authorship.writer,
+        writer_model=authorship.model,
     )
 
 
 def content_from_proto(request: pb.CreateStoryRequest) -> domain.StoryContent:
     content = request.content
-    patient = content.patient
     return domain.StoryContent(
         title=content.title,
-        patient=(
-            domain.Patient(name=patient.name, age=patient.age, diagnosis=patient.diagnosis, appearance=patient.appearance)
-            if content.HasField("patient")
-            else None
-        ),
+        patient=_patient_from_proto(content.patient) if content.HasField("patient") else None,
         chapters=tuple(domain.Chapter(title=c.title, text=c.text) for c in content.chapters),
         image_generation_prompt=content.image_generation_prompt,
+    )
+
+
+def _patient_from_proto(patient: pb.Patient) -> domain.Patient:
+    if patient.gender not in GENDER_FROM_PROTO:
+        raise domain.InvalidField("content.patient.gender", f"is not a Gender value ({patient.gender})")
+    admitted = patient.admission_date
+    return domain.Patient(
+        name=patient.name,
+        age=patient.age,
+        diagnosis=patient.diagnosis,
+        appearance=patient.appearance,
+        gender=GENDER_FROM_PROTO[patient.gender],
+        admission_date=domain.parse_admission_date(admitted, "content.patient.admission_date") if admitted else None,
     )
 
 
@@ -191,7 +219,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
         except domain.DomainError as error:
             await _refuse(context, "WatchStory", error)
         except asyncpg.PostgresError as error:
-            log.error("story.database_error", extra={"method": "WatchStory", "error": repr(error)})
+            log.error("story.database_failed", extra={"method": "WatchStory", "error": repr(error)})
             await ERRORS.abort(context, domain.StoreUnavailable("the story database failed; watch again"))
 
     @_abort_on_domain_error

@@ -53,6 +53,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         stream_replicas=config.nats_stream_replicas,
     )
     stack.push_async_callback(relay.close)  # runs after the relay task is cancelled
+    stack.callback(relay.backlog_metrics().close)
     await _start_background(stack, relay.run, "outbox-relay")
 
     changes = StoryChangeFeed(
@@ -79,6 +80,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
             )
         ],
         interceptors=[AuthInterceptor(config.auth_tokens.reveal(), ALLOWED_CALLERS)],
+        metrics_addr=config.metrics_addr,
     )
     server.on_stop.append(changes.end_watches)
     # Registered last so it runs first: stop taking calls before the pool goes away.
@@ -114,7 +116,7 @@ async def _start_background(stack: contextlib.AsyncExitStack, work: Callable[[],
         # Bounded: a library that swallows the cancellation must not hang shutdown.
         done, _ = await asyncio.wait({task}, timeout=BACKGROUND_STOP_SECONDS)
         if not done:
-            log.error("background.did_not_stop", extra={"task": name})
+            log.error("background.stop_timed_out", extra={"task": name})
 
     stack.push_async_callback(cancel)
 

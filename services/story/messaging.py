@@ -15,7 +15,10 @@ from shared.streams import STORY_EVENTS
 
 log = logging.getLogger(__name__)
 
-STORY_OUTBOX = OutboxTable(table="story.outbox", channel="story_outbox")
+# Each publish's log lines name the story and the portrait attempt it starts.
+STORY_OUTBOX = OutboxTable(
+    table="story.outbox", channel="story_outbox", log_columns={"story_id": "story_id", "attempt": "portrait_attempt"}
+)
 
 
 def story_outbox_relay(

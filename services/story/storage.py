@@ -11,39 +11,54 @@ import json
 import asyncpg
 
 from services.story import model
+from services.story.difficulty import story_typing_difficulty
 from services.story.events import encode_story_created, story_created_msg_id
 from shared.streams import STORY_CREATED_SUBJECT
 
 # Every statement is bounded: a slow database shows as UNAVAILABLE, not as a hung call.
 STATEMENT_TIMEOUT_SECONDS = 10.0
 
-_STORY_COLUMNS = """
-    story_id::text AS story_id, user_id, title, patient, chapters, image_generation_prompt,
-    storage_id, portrait_status, portrait_error, portrait_attempt, create_time, update_time
-"""
-_STORY_COLUMNS_OF_S = """
-    s.story_id::text AS story_id, s.user_id, s.title, s.patient, s.chapters, s.image_generation_prompt,
-    s.storage_id, s.portrait_status, s.portrait_error, s.portrait_attempt, s.create_time, s.update_time
-"""
+_COLUMNS = (
+    "user_id", "title", "patient", "chapters", "image_generation_prompt", "storage_id", "portrait_status",
+    "portrait_error", "portrait_attempt", "create_time", "update_time", "patient_gender", "admission_date",
+    "typing_difficulty", "theme", "writer", "writer_model",
+)  # fmt: skip
+_STORY_COLUMNS = ", ".join(["story_id::text AS story_id", *_COLUMNS])
+_STORY_COLUMNS_OF_S = ", ".join(["s.story_id::text AS story_id", *(f"s.{column}" for column in _COLUMNS)])
 
 
 def _story_from_row(row: asyncpg.Record) -> model.Story:
+    """A story of any age: rows written before migration 0003 have NULL or '' in its columns."""
     patient = json.loads(row["patient"])
+    gender = row["patient_gender"]
+    content = model.StoryContent(
+        title=row["title"],
+        patient=model.Patient(
+            name=patient["name"],
+            age=patient["age"],
+            diagnosis=patient["diagnosis"],
+            appearance=patient["appearance"],
+            gender=model.Gender(gender) if gender is not None else None,
+            admission_date=row["admission_date"],
+        ),
+        chapters=tuple(model.Chapter(title=c["title"], text=c["text"]) for c in json.loads(row["chapters"])),
+        image_generation_prompt=row["image_generation_prompt"],
+    )
+    difficulty = row["typing_difficulty"]
     return model.Story(
         story_id=row["story_id"],
         user_id=row["user_id"],
-        content=model.StoryContent(
-            title=row["title"],
-            patient=model.Patient(**patient),
-            chapters=tuple(model.Chapter(**chapter) for chapter in json.loads(row["chapters"])),
-            image_generation_prompt=row["image_generation_prompt"],
-        ),
+        content=content,
         storage_id=row["storage_id"] or "",
         portrait_status=model.PortraitStatus(row["portrait_status"]),
         portrait_error=row["portrait_error"],
         portrait_attempt=row["portrait_attempt"],
         create_time=row["create_time"],
         update_time=row["update_time"],
+        typing_difficulty=(
+            difficulty if difficulty is not None else story_typing_difficulty(content.title, content.chapters)
+        ),
+        authorship=model.Authorship(writer=row["writer"], model=row["writer_model"], theme=row["theme"]),
     )
 
 
@@ -52,16 +67,24 @@ def _maybe_story(row: asyncpg.Record | None) -> model.Story | None:
 
 
 async def insert_story(
-    conn: asyncpg.Connection, story_id: str, user_id: str, request_id: str | None, content: model.StoryContent
+    conn: asyncpg.Connection,
+    story_id: str,
+    user_id: str,
+    request_id: str | None,
+    content: model.StoryContent,
+    *,
+    typing_difficulty: int,
+    authorship: model.Authorship,
 ) -> model.Story | None:
     """Inserts a PENDING story; None when (user_id, request_id) already made one."""
     patient = content.patient
-    assert patient is not None, "validated content always has a patient"
+    assert patient is not None and patient.gender is not None, "validated content always has a whole patient"
     row = await conn.fetchrow(
         f"""
         INSERT INTO story.stories
-            (story_id, user_id, request_id, title, patient, chapters, image_generation_prompt)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
+            (story_id, user_id, request_id, title, patient, chapters, image_generation_prompt,
+             patient_gender, admission_date, typing_difficulty, theme, writer, writer_model)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
         ON CONFLICT (user_id, request_id) DO NOTHING
         RETURNING {_STORY_COLUMNS}
         """,
@@ -74,6 +97,12 @@ async def insert_story(
         ),
         json.dumps([{"title": c.title, "text": c.text} for c in content.chapters]),
         content.image_generation_prompt,
+        patient.gender.value,
+        patient.admission_date,
+        typing_difficulty,
+        authorship.theme,
+        authorship.writer,
+        authorship.model,
         timeout=STATEMENT_TIMEOUT_SECONDS,
     )
     return _maybe_story(row)

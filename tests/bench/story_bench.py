@@ -24,6 +24,7 @@ from casefile.story.v1 import story_service_pb2_grpc
 from tests.bench import echo_server
 from tests.bench.harness import AS_GATEWAY, AS_IMAGE, base_env, bench_database, calls_per_second, paired_rates
 from tests.bench.report import Figure, figure, ratio_figure
+from tests.case_files import case_file
 from tools.infra import MotoS3Server, NatsServer, ServiceProcess, free_port, wait_for_tcp
 
 # Aim 1 of the performance issue; the portrait figures are context until a bench with an
@@ -40,7 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def measure_throughput(
-    story_addr: str, echo_addr: str, story_id: str, response_bytes: int, args: argparse.Namespace
+    story_addr: str,
+    echo_addr: str,
+    story_id: str,
+    response_bytes: int,
+    args: argparse.Namespace,
+    name: str = "story.get_story",
+    aim: str | None = GET_STORY_AIM,
 ) -> Figure:
     request = pb.GetStoryRequest(story_id=story_id)
     concurrency = args.story_concurrency
@@ -67,7 +74,7 @@ async def measure_throughput(
             args.rounds,
         )
     return ratio_figure(
-        "story.get_story", paired.value, paired.baseline, "calls/s", aim=GET_STORY_AIM,
+        name, paired.value, paired.baseline, "calls/s", aim=aim,
         baseline_is="bare grpc.aio echo, same payload size", concurrency=concurrency, response_bytes=response_bytes,
         ratio_per_round=paired.ratios,
     )
@@ -102,12 +109,7 @@ async def fan_out_seconds(stub, watchers: int) -> float:
         await stub.CreateStory(
             pb.CreateStoryRequest(
                 user_id="bench-watch",
-                content=pb.StoryContent(
-                    title="t",
-                    patient=pb.Patient(name="n", age=1, diagnosis="d", appearance="a"),
-                    chapters=[pb.Chapter(title="c", text="x")],
-                    image_generation_prompt="p",
-                ),
+                content=case_file(),
             ),
             metadata=AS_GATEWAY,
         )
@@ -167,9 +169,14 @@ async def run(args: argparse.Namespace) -> list[Figure]:
             }
             story = ServiceProcess("story", env, work / "story.log").start()
             image = ServiceProcess("image", env, work / "image.log").start()
-            processes += [story, image]
+            # The same service with METRICS_ADDR set (its RPC interceptor and /metrics on), on
+            # the same database: GetStory's ratio to the echo with metrics and without, one run.
+            metered_env = {**env, "STORY_ADDR": f"127.0.0.1:{free_port()}", "METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+            metered = ServiceProcess("story", metered_env, work / "story-metered.log").start()
+            processes += [story, image, metered]
             await story.wait_healthy(env["STORY_ADDR"])
             await image.wait_healthy(env["IMAGE_ADDR"])
+            await metered.wait_healthy(metered_env["STORY_ADDR"])
 
             async with grpc.aio.insecure_channel(env["STORY_ADDR"]) as channel:
                 stub = story_service_pb2_grpc.StoryServiceStub(channel)
@@ -187,10 +194,15 @@ async def run(args: argparse.Namespace) -> list[Figure]:
             throughput = await measure_throughput(
                 env["STORY_ADDR"], f"127.0.0.1:{echo_port}", sample.story.story_id, sample.ByteSize(), args
             )
+            with_metrics = await measure_throughput(
+                metered_env["STORY_ADDR"], f"127.0.0.1:{echo_port}", sample.story.story_id, sample.ByteSize(), args,
+                name="story.get_story_with_metrics", aim=None,
+            )
+            metered.terminate()
             latency = await measure_portrait_latency(env["STORY_ADDR"], args.stories, args.poll_ms / 1000)
             image.terminate()  # from here on the bench plays the image service itself
             fan_out = await measure_watch_fan_out(env["STORY_ADDR"], args)
-            return [throughput, *latency, fan_out]
+            return [throughput, with_metrics, *latency, fan_out]
         finally:
             for process in reversed(processes):
                 process.terminate()

@@ -29,6 +29,7 @@ from casefile.story.v1 import story_service_pb2_grpc
 from shared.auth import bearer_metadata
 from tests.fakes.tcp_proxy import TcpProxy
 from tools.infra import FAST_RECONNECT, MotoS3Server, NatsServer, ServiceProcess, free_port
+from tests.case_files import case_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -279,7 +280,7 @@ async def test_story_killed_with_unpublished_events_publishes_them_after_restart
 
     assert await unpublished_outbox_rows(database_url, during_ids) == 0
     for story_id in during_ids:
-        published = [line for line in log_events(restarted) if line.get("event") == "outbox.published"]
+        published = [line for line in log_events(restarted) if line.get("event") == "outbox.step_succeeded" and line.get("step") == "publish"]
         assert any(line.get("msg_id") == f"story.created:{story_id}:1" for line in published), (
             f"the new process did not publish {story_id}"
         )
@@ -291,12 +292,7 @@ async def test_story_killed_with_unpublished_events_publishes_them_after_restart
 
 
 def story_content() -> pb.StoryContent:
-    return pb.StoryContent(
-        title="Ward Nine",
-        patient=pb.Patient(name="Edith Crane", age=41, diagnosis="Somnambulism", appearance="Pale, with wet hair"),
-        chapters=[pb.Chapter(title="Admission", text="She arrived at night, barefoot, and asked for her mirror.")],
-        image_generation_prompt="A pale woman with wet hair in a dim hospital ward, 1950s photograph",
-    )
+    return case_file()
 
 
 def story_created(story: pb.Story) -> bytes:
@@ -351,7 +347,7 @@ async def test_duplicate_deliveries_store_one_object_and_attach_it_once(
     assert final.storage_id == ready.storage_id == f"portraits/{story_id}/1.png"
     assert final.update_time == ready.update_time, "the story changed again after it became READY"
     assert await portrait_keys(s3, s3_bucket) == keys_of([story_id])
-    assert len(events_for(processes["story"], "story.portrait_ready", story_id)) == 1
+    assert len(events_for(processes["story"], "story.portrait_attached", story_id)) == 1
     assert len(events_for(processes["image"], "portrait.step_started", story_id, step="upload")) == 1
 
 
@@ -359,7 +355,7 @@ async def test_duplicate_deliveries_store_one_object_and_attach_it_once(
 
 
 def config_failures(process: ServiceProcess) -> list[str]:
-    return [line.get("error", "") for line in log_events(process) if line.get("event") == "config.invalid"]
+    return [line.get("error", "") for line in log_events(process) if line.get("event") == "config.rejected"]
 
 
 async def start_all_and_wait_for_exits(

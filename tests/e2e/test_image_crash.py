@@ -108,7 +108,7 @@ async def _start_stack(
     )
     # Both must be pulling before the story exists, or the survivor could not take over.
     for image in images:
-        await _until(lambda image=image: _events(image, "consumer.ready", consumer="image-portraits"), 15, "the consumer ready")
+        await _until(lambda image=image: _events(image, "consumer.subscribed", consumer="image-portraits"), 15, "the consumer ready")
     return story, images
 
 
@@ -151,9 +151,9 @@ async def _assert_effect_once(
     # The killed process never got to store anything; the survivor stored and attached once.
     assert _events(painter, "portrait.step_started", story_id, step="upload") == []
     assert len(_events(survivor, "portrait.step_started", story_id, step="upload")) == 1
-    assert len(_events(survivor, "portrait.ready", story_id)) == 1
+    assert len(_events(survivor, "portrait.attempt_succeeded", story_id)) == 1
     # The story changed to READY once: SetStoryImage logs only a change.
-    assert len(_events(story_process, "story.portrait_ready", story_id)) == 1
+    assert len(_events(story_process, "story.portrait_attached", story_id)) == 1
 
 
 async def _portrait_keys(endpoint_url: str, bucket: str) -> list[str]:

@@ -17,6 +17,7 @@ from casefile.story.v1 import story_service_pb2_grpc
 from shared.auth import bearer_metadata
 from tests.fakes.recraft import GENERATIONS_PATH, FakeRecraft
 from tools.infra import FAST_RECONNECT, ServiceProcess, free_port
+from tests.case_files import case_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -36,12 +37,7 @@ async def exit_code_after_sigterm(process: ServiceProcess, grace: float = STOP_G
 
 
 def story_content(prompt: str) -> pb.StoryContent:
-    return pb.StoryContent(
-        title="Ward Nine",
-        patient=pb.Patient(name="Edith Crane", age=41, diagnosis="Somnambulism", appearance="Pale"),
-        chapters=[pb.Chapter(title="Admission", text="She arrived at night.")],
-        image_generation_prompt=prompt,
-    )
+    return case_file(image_generation_prompt=prompt)
 
 
 async def test_every_service_exits_0_within_its_grace_on_sigterm(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from casefile.image.v1 import image_service_pb2, image_service_pb2_grpc
 from casefile.story.v1 import story_service_pb2 as story_pb
 from casefile.story.v1 import story_service_pb2_grpc
 from shared.auth import bearer_metadata
+from tests.scrape import scrape
 from tools.infra import FAST_RECONNECT, REPO_ROOT, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -216,6 +218,7 @@ def stack_env(database_url: str, tmp_path: Path) -> dict[str, str]:
         "STORY_ADDR": f"127.0.0.1:{free_port()}",
         "IMAGE_ADDR": f"127.0.0.1:{free_port()}",
         "CREDITS_ADDR": f"127.0.0.1:{free_port()}",
+        **{f"{name.upper()}_METRICS_ADDR": f"127.0.0.1:{free_port()}" for name in ("story", "image", "credits")},
         "CASEFILE_RUN_DIR": str(tmp_path / "run"),
         "AWS_CONFIG_FILE": no_aws_file,
         "AWS_SHARED_CREDENTIALS_FILE": no_aws_file,
@@ -327,6 +330,8 @@ async def test_make_run_serves_a_story_with_its_portrait_and_keeps_both_across_r
             )
         ).account
     assert account.user_id == "u1" and account.balance > 0
+    await check_metrics(stack_env, banner, story.story_id)
+    check_pipeline_logs(Path(stack_env["CASEFILE_RUN_DIR"]) / "logs", story.story_id)
 
     await stop_and_check_nothing_survives(first)
 
@@ -348,3 +353,57 @@ async def test_make_run_serves_a_story_with_its_portrait_and_keeps_both_across_r
 
     await stop_and_check_nothing_survives(second)
     print(f"ready after {first_ready_s:.1f} s, then {second_ready_s:.1f} s on the second start")
+
+
+# ---------------------------------------------------------------------------- metrics and logs
+
+
+async def check_metrics(env: dict[str, str], banner: str, story_id: str) -> None:
+    """Each service serves its own endpoint, the banner says where, and the metrics move."""
+    urls = {name: f"http://{env[f'{name.upper()}_METRICS_ADDR']}/metrics" for name in ("story", "image", "credits")}
+    for url in urls.values():
+        assert url in banner
+    story_before = await scrape(urls["story"])
+    get_story = {"grpc_service": "casefile.story.v1.StoryService", "grpc_method": "GetStory", "grpc_code": "OK"}
+    async with grpc.aio.insecure_channel(env["STORY_ADDR"], options=FAST_RECONNECT) as channel:
+        await story_service_pb2_grpc.StoryServiceStub(channel).GetStory(
+            story_pb.GetStoryRequest(story_id=story_id), metadata=GATEWAY, timeout=CALL_TIMEOUT_S
+        )
+    story, image, credits = [await scrape(url) for url in urls.values()]
+
+    assert story.value("grpc_server_handled_total", **get_story) == story_before.value("grpc_server_handled_total", **get_story) + 1
+    assert story.value("grpc_server_handled_total", grpc_method="GenerateStory", grpc_code="OK") >= 1
+    assert story.value("grpc_server_handling_seconds_count", grpc_method="GetStory") >= 1
+    assert story.value("casefile_outbox_published_total", outbox="story.outbox") >= 1
+    assert story.value("casefile_outbox_publish_lag_seconds_count", outbox="story.outbox") >= 1
+    assert story.has("casefile_outbox_backlog", outbox="story.outbox")
+    assert image.value("casefile_portraits_finished_total", outcome="READY") >= 1
+    assert image.value("casefile_portrait_step_seconds_count", step="upload", outcome="ok") >= 1
+    assert image.value("casefile_provider_call_seconds_count", kind="image", provider="local", outcome="ok") >= 1
+    assert image.value("casefile_consumer_deliveries_total", consumer="image-portraits", verdict="ack") >= 1
+    assert image.has("casefile_consumer_pending_messages", consumer="image-portraits")
+    assert image.value("grpc_server_handled_total", grpc_method="GetImageUrl", grpc_code="OK") >= 1
+    assert credits.value("casefile_ledger_entries_total", kind="GRANT") >= 1  # the welcome grant
+    assert credits.value("casefile_ledger_amount_hundredths_total", kind="GRANT") > 0
+    assert credits.value("grpc_server_handled_total", grpc_method="GetAccount", grpc_code="OK") >= 1
+
+
+PIPELINE_STEPS = ["write", "publish", "read_story", "claim", "generate", "keep", "upload", "mark_stored", "attach"]
+
+
+def check_pipeline_logs(log_dir: Path, story_id: str) -> None:
+    """Every step of the story's portrait pipeline logged its end as one JSON line with the
+    keys an operator greps for, across the story and image services."""
+    lines = []
+    for name in ("story", "image"):
+        for raw in (log_dir / f"{name}.log").read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(raw))
+    steps = [line for line in lines if line.get("story_id") == story_id and "step" in line]
+    ended = [line for line in steps if line["event"].endswith((".step_succeeded", ".step_failed"))]
+
+    assert all({"event", "story_id", "attempt", "step", "duration_ms", "error"} <= line.keys() for line in steps)
+    assert [line["step"] for line in ended] == PIPELINE_STEPS, [line["event"] for line in ended]
+    assert all(line["event"].endswith(".step_succeeded") and line["error"] is None for line in ended)
+    assert all(line["attempt"] == 1 and line["duration_ms"] >= 0 for line in ended)
+    assert {line["event"].split(".")[0] for line in ended} == {"story", "outbox", "portrait"}

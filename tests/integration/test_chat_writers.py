@@ -197,7 +197,7 @@ async def test_the_key_never_reaches_errors_or_logs(chat, caplog):
     with pytest.raises(WriterError) as raised:
         await write(chat)
     assert KEY not in str(raised.value) and KEY not in repr(chat.writer())
-    assert {"story.writer_retry", "story.writer_reply_rejected", "story.writer_request_failed"} <= {
+    assert {"story.writer_call_retried", "story.writer_reply_rejected", "story.writer_request_failed"} <= {
         record.getMessage() for record in caplog.records
     }
     for record in caplog.records:

@@ -32,6 +32,7 @@ from shared.auth import bearer_metadata
 from shared.grpc_errors import details_of
 from tests.fakes.tcp_proxy import TcpProxy
 from tools.infra import free_port
+from tests.case_files import case_file, chapters, patient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -160,11 +161,16 @@ async def first_of_stream(stream) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def content(title, name, diagnosis, appearance, chapter_title, chapter_text, prompt, age) -> pb.StoryContent:
-    return pb.StoryContent(
+def content(
+    title, name, diagnosis, appearance, chapter_title, chapter_text, prompt, age, gender=pb.GENDER_MALE,
+    admission_date="1901-01-01",
+) -> pb.StoryContent:
+    return case_file(
         title=title,
-        patient=pb.Patient(name=name, age=age, diagnosis=diagnosis, appearance=appearance),
-        chapters=[pb.Chapter(title=chapter_title, text=chapter_text)],
+        patient=patient(
+            name=name, age=age, diagnosis=diagnosis, appearance=appearance, gender=gender, admission_date=admission_date
+        ),
+        chapters=[pb.Chapter(title=chapter_title, text=chapter_text), *chapters(2)],
         image_generation_prompt=prompt,
     )
 
@@ -191,7 +197,12 @@ async def test_hostile_story_writes_are_refused_cleanly_and_write_nothing(server
         check,
         user_id=hostile_text,
         request_id=hostile_text,
-        fields=st.tuples(*[hostile_text] * 7, int32),
+        fields=st.tuples(
+            *[hostile_text] * 7,
+            int32,
+            st.one_of(st.sampled_from([0, 1, 2, 3]), int32),
+            st.one_of(hostile_text, st.sampled_from(["1894-03-12", "1894-02-30", "2101-01-01", "1894-3-12", "０１"])),
+        ),
         theme=hostile_text,
     )
 
@@ -201,7 +212,7 @@ async def test_hostile_story_reads_and_portrait_calls_never_fail_internally(serv
     real = (
         await story.CreateStory(
             pb.CreateStoryRequest(
-                user_id="u1", content=content("t", "n", "d", "a", "c", "line one\nline\ttwo", "p", 40)
+                user_id="u1", content=content("t", "n", "d", "a", "c", "line one\nline two", "p", 40)
             ),
             metadata=GATEWAY,
         )
@@ -282,13 +293,28 @@ async def test_a_nul_byte_in_any_text_field_is_invalid_argument_naming_it(server
     assert await rows(db) == (0, 0)
 
 
-async def test_newlines_and_tabs_stay_allowed_in_chapter_text(servers):
+async def test_newlines_stay_allowed_in_chapter_text_but_tabs_and_markup_do_not(servers):
     story, _ = servers
     created = await story.CreateStory(
-        pb.CreateStoryRequest(user_id="u1", content=content("t", "n", "d", "a", "c", "one\n\ttwo", "p", 1)),
+        pb.CreateStoryRequest(user_id="u1", content=content("t", "n", "d", "a", "c", "one\n\ntwo", "p", 1)),
         metadata=GATEWAY,
     )
-    assert created.story.chapters[0].text == "one\n\ttwo"
+    assert created.story.chapters[0].text == "one\n\ntwo"
+
+    for text, problem in [
+        ("one\n\ttwo", "control characters"),
+        ("She *screamed*.", "remove *"),
+        ("<b>Night</b>", "remove < >"),
+        ("Zo\u00eb \u201cwept\u201d", "remove \u00eb \u201c \u201d"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await story.CreateStory(
+                pb.CreateStoryRequest(user_id="u1", content=content("t", "n", "d", "a", "c", text, "p", 1)),
+                metadata=GATEWAY,
+            )
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert details_of(raised.value).fields == ("content.chapters[0].text",)
+        assert problem in raised.value.details()
 
 
 SOME_UUID = "7d0c9a52-3c2e-4f0e-9b8a-2f1d3c4b5a69"
@@ -350,6 +376,20 @@ async def test_the_database_going_away_is_unavailable_for_reads_and_watches(data
         assert await answer(
             story.ListStories(pb.ListStoriesRequest(user_id="u1"), metadata=GATEWAY)
         ) == grpc.StatusCode.UNAVAILABLE
+        # A client can act on it: the reason, and how long to wait before trying again.
+        for call in (
+            story.GetStory(pb.GetStoryRequest(story_id=created.story_id), metadata=GATEWAY),
+            story.CreateStory(
+                pb.CreateStoryRequest(user_id="u1", content=content("t", "n", "d", "a", "c", "x", "p", 1)), metadata=GATEWAY
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            details = details_of(raised.value)
+            assert (details.code, details.reason, details.domain) == (
+                grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE", "story.casefile"
+            )
+            assert details.retry_after_seconds == 1.0
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from casefile.image.v1 import image_service_pb2, image_service_pb2_grpc
 from services.image.config import Config
 from services.image.main import build
 from shared.auth import bearer_metadata
+from shared.grpc_errors import details_of
 from tests.fakes.recraft import make_png
 from tests.fakes.tcp_proxy import TcpProxy
 from tools.infra import free_port
@@ -127,6 +128,8 @@ async def test_missing_portrait_is_not_found(image):
 
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert error.details() == "storage_id: no such portrait"
+    details = details_of(error)
+    assert (details.reason, details.domain) == ("IMAGE_NOT_FOUND", "image.casefile")
 
 
 async def test_object_outside_portraits_is_not_found(image, s3, s3_bucket):
@@ -150,6 +153,7 @@ async def test_empty_storage_id_is_invalid(image):
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == "storage_id: must not be empty"
+    assert details_of(error).violations == (("storage_id", "must not be empty"),)
 
 
 @pytest.mark.parametrize("expires_in_seconds", [-1, 604_801])
@@ -160,6 +164,7 @@ async def test_expiry_out_of_range_is_invalid(image, s3, s3_bucket, expires_in_s
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("expires_in_seconds:")
+    assert details_of(error).fields == ("expires_in_seconds",)
 
 
 async def test_callers_outside_the_table_are_refused(image, s3, s3_bucket):
@@ -211,3 +216,7 @@ async def test_s3_down_is_unavailable(start_image, image_env, s3, s3_bucket, s3_
         error = await refused(get_url(image, storage_id=key))
 
         assert error.code() == grpc.StatusCode.UNAVAILABLE
+        details = details_of(error)
+        assert (details.reason, details.domain, details.retry_after_seconds) == (
+            "DEPENDENCY_UNAVAILABLE", "image.casefile", 1.0
+        )

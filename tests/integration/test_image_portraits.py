@@ -31,6 +31,7 @@ from shared.streams import STORY_EVENTS
 from tests.fakes.s3_requests import requests_to
 from tests.fakes.recraft import FakeRecraft
 from tests.fakes.tcp_proxy import TcpProxy
+from tests.scrape import scrape
 
 TOKENS = "admin:t-admin,gateway:t-gateway,story:t-story,image:t-image"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -62,6 +63,8 @@ class RecordingStoryService(story_service_pb2_grpc.StoryServiceServicer):
         self.statuses: list[tuple[str, int, str]] = []
         self.unavailable_next = 0
         self.callers: set[str] = set()
+        # When set to an Event, GetStory waits for it: a paint that stays in work.
+        self.block_get_story: asyncio.Event | None = None
 
     def add(self, prompt: str, *, attempt: int = 1, story_id: str | None = None) -> str:
         story_id = story_id or str(uuid.uuid4())
@@ -82,6 +85,8 @@ class RecordingStoryService(story_service_pb2_grpc.StoryServiceServicer):
 
     async def GetStory(self, request, context):
         await self._admit(context)
+        if self.block_get_story is not None:
+            await self.block_get_story.wait()
         if request.story_id not in self.stories:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such story")
         return story_service_pb2.GetStoryResponse(story=self._story(request.story_id))
@@ -818,3 +823,60 @@ async def test_database_down_through_every_delivery_still_ends_the_portrait_fail
             return (await portrait_row(db, story_id))["status"] == "FAILED"
 
         await eventually(recorded, what="the failure recorded")
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+async def test_metrics_count_a_retried_portrait_its_steps_and_its_deliveries(image_env, start_image, js, story_peer):
+    async with FakeRecraft(api_key="k-test") as recraft:
+        recraft.fail_next(1, status=503, message="overloaded")
+        server = await start_image(recraft_env(image_env, recraft, METRICS_ADDR="127.0.0.1:0"))
+        before = await scrape(server.metrics.url)
+        await new_story(js, story_peer, "a patient who waits")
+        await eventually(lambda: story_peer.images, what="the portrait after one retry")
+        await eventually(lambda: consumer_settled(js, 1), what="the delivery acked")
+        after = await scrape(server.metrics.url)
+        info = await js.consumer_info(STREAM, DURABLE)
+
+    def moved(name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    provider = {"kind": "image", "provider": "recraft"}
+    assert moved("casefile_provider_retries_total", **provider, reason="overloaded") == 1
+    assert moved("casefile_provider_call_seconds_count", **provider, outcome="transient_error") == 1
+    assert moved("casefile_provider_call_seconds_count", **provider, outcome="ok") == 1
+    assert moved("casefile_portrait_step_seconds_count", step="generate", outcome="error") == 1
+    assert moved("casefile_portrait_step_seconds_count", step="generate", outcome="ok") == 1
+    assert moved("casefile_portrait_step_seconds_count", step="attach", outcome="ok") == 1
+    assert moved("casefile_portrait_deliveries_total", outcome="retry") == 1
+    assert moved("casefile_portrait_deliveries_total", outcome="READY") == 1
+    assert moved("casefile_portraits_finished_total", outcome="READY") == 1
+    assert moved("casefile_consumer_deliveries_total", consumer=DURABLE, verdict="retry") == 1
+    assert moved("casefile_consumer_deliveries_total", consumer=DURABLE, verdict="ack") == 1
+    assert moved("casefile_consumer_redeliveries_total", consumer=DURABLE) == 1
+    # What JetStream itself says, asked at the scrape.
+    assert after.value("casefile_consumer_pending_messages", consumer=DURABLE) == info.num_pending == 0
+    assert after.value("casefile_consumer_ack_pending_messages", consumer=DURABLE) == info.num_ack_pending == 0
+    assert after.value("casefile_consumer_in_flight", consumer=DURABLE) == 0
+
+
+async def test_consumer_pending_is_read_from_jetstream_at_each_scrape(image_env, start_image, js, story_peer):
+    server = await start_image(image_env(METRICS_ADDR="127.0.0.1:0", PORTRAIT_CONCURRENCY="1"))
+    await eventually(lambda: consumer_settled(js, 0), what="the consumer declared")
+    blocked = asyncio.Event()
+    story_peer.block_get_story = blocked  # GetStory waits: the first message stays in work
+    for _ in range(3):
+        await new_story(js, story_peer, "a queue")
+
+    async def pending() -> bool:
+        scraped = await scrape(server.metrics.url)
+        return scraped.value("casefile_consumer_pending_messages", consumer=DURABLE) == 2 and scraped.value(
+            "casefile_consumer_in_flight", consumer=DURABLE
+        ) == 1
+
+    await eventually(pending, what="two messages waiting behind one in work")
+    blocked.set()
+    await eventually(lambda: consumer_settled(js, 3), what="all three painted")
+    scraped = await scrape(server.metrics.url)
+    assert scraped.value("casefile_consumer_pending_messages", consumer=DURABLE) == 0

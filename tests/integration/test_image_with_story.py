@@ -22,6 +22,7 @@ from services.story.config import Config as StoryConfig
 from services.story.main import build as build_story
 from shared.auth import bearer_metadata
 from tools.infra import free_port
+from tests.case_files import case_file
 
 TOKENS = "admin:t-admin,gateway:t-gateway,story:t-story,image:t-image"
 GATEWAY = bearer_metadata("t-gateway")
@@ -71,12 +72,7 @@ async def stack_of_two(database_url, nats_server, s3_endpoint_url, s3_bucket):
 
 
 def content(prompt: str) -> pb.StoryContent:
-    return pb.StoryContent(
-        title="Ward Nine",
-        patient=pb.Patient(name="Edith Crane", age=41, diagnosis="Somnambulism", appearance="Pale"),
-        chapters=[pb.Chapter(title="Admission", text="She arrived at night.")],
-        image_generation_prompt=prompt,
-    )
+    return case_file(image_generation_prompt=prompt)
 
 
 async def final_story(story, story_id: str, timeout: float = 15.0) -> pb.Story:

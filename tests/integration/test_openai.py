@@ -158,7 +158,7 @@ def test_the_service_refuses_to_start_without_the_key(tmp_path):
     )
     assert done.returncode == 2
     [line] = [json.loads(line) for line in done.stderr.splitlines() + done.stdout.splitlines() if "config" in line]
-    assert line["event"] == "config.invalid" and "OPENAI_API_KEY" in line["error"]
+    assert line["event"] == "config.rejected" and "OPENAI_API_KEY" in line["error"]
 
 
 # --- the story service writing with it -------------------------------------------------------

@@ -19,9 +19,14 @@ from services.story.main import build
 from shared.auth import bearer_metadata
 from shared.grpc_errors import details_of
 from tests.fakes.anthropic import SAMPLE_STORY, FakeAnthropic
+from services.story.difficulty import story_typing_difficulty
+from services.story.model import Chapter
+from tests.case_files import case_file, chapters, patient
+from tests.scrape import scrape
 
 TOKENS = "admin:t-admin,gateway:t-gateway,story:t-story,image:t-image"
 GATEWAY = bearer_metadata("t-gateway")
+OUTBOX = "story.outbox"
 IMAGE = bearer_metadata("t-image")
 ADMIN = bearer_metadata("t-admin")
 
@@ -81,14 +86,7 @@ async def events(nats_server):
     await nc.close()
 
 
-def valid_content(**overrides) -> pb.StoryContent:
-    fields = {
-        "title": "Ward Nine",
-        "patient": pb.Patient(name="Edith Crane", age=41, diagnosis="Somnambulism", appearance="Pale, hollow-eyed"),
-        "chapters": [pb.Chapter(title="Admission", text="She arrived at night."), pb.Chapter(title="Night", text="...")],
-        "image_generation_prompt": "A portrait of a pale woman in a hospital gown",
-    }
-    return pb.StoryContent(**{**fields, **overrides})
+valid_content = case_file
 
 
 async def count_rows(db) -> tuple[int, int]:
@@ -378,8 +376,15 @@ async def test_retry_portrait_publishes_a_new_attempt(story, events):
 
 
 @pytest.fixture
-async def anthropic_story(database_url, nats_server):
-    """The story service writing with the real Anthropic client against a fake server."""
+async def anthropic_story(anthropic_server):
+    stub, fake, _ = anthropic_server
+    yield stub, fake
+
+
+@pytest.fixture
+async def anthropic_server(database_url, nats_server):
+    """The story service writing with the real Anthropic client against a fake server, its
+    metrics on a port of its own."""
     async with FakeAnthropic(api_key="k-test") as fake, contextlib.AsyncExitStack() as stack:
         config = Config.from_env(
             {
@@ -391,12 +396,13 @@ async def anthropic_story(database_url, nats_server):
                 "ANTHROPIC_API_KEY": "k-test",
                 "ANTHROPIC_BASE_URL": fake.base_url,
                 "ANTHROPIC_MODEL": "claude-test-model",
+                "METRICS_ADDR": "127.0.0.1:0",
             }
         )
         server = await build(config, stack)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         stack.push_async_callback(channel.close)
-        yield story_service_pb2_grpc.StoryServiceStub(channel), fake
+        yield story_service_pb2_grpc.StoryServiceStub(channel), fake, server
 
 
 async def test_generate_story_with_the_anthropic_writer(anthropic_story):
@@ -424,3 +430,163 @@ async def test_a_failing_writer_is_unavailable_and_stores_nothing(anthropic_stor
 
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert await count_rows(db) == (0, 0)
+
+
+# ---------------------------------------------------------------------------- richer case files
+
+
+async def test_a_created_story_carries_gender_admission_date_difficulty_and_its_author(story):
+    content = case_file()
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=content), metadata=GATEWAY)).story
+
+    assert (created.patient.gender, created.patient.admission_date) == (pb.GENDER_FEMALE, "1894-03-12")
+    assert (created.writer, created.writer_model, created.theme) == ("caller", "", "")
+    expected = story_typing_difficulty(content.title, [Chapter(c.title, c.text) for c in content.chapters])
+    assert created.typing_difficulty == expected > 0
+    fetched = (await story.GetStory(pb.GetStoryRequest(story_id=created.story_id), metadata=GATEWAY)).story
+    assert fetched == created
+
+
+async def test_a_generated_story_records_its_theme_writer_and_model(story):
+    generated = (
+        await story.GenerateStory(pb.GenerateStoryRequest(user_id="u1", theme="  a drowned lighthouse "), metadata=GATEWAY)
+    ).story
+
+    assert (generated.writer, generated.writer_model, generated.theme) == ("local", "templates", "a drowned lighthouse")
+    assert generated.patient.gender in (pb.GENDER_FEMALE, pb.GENDER_MALE)
+    assert len(generated.patient.admission_date) == 10
+    assert 3 <= len(generated.chapters) <= 7
+    assert generated.typing_difficulty == story_typing_difficulty(
+        generated.title, [Chapter(c.title, c.text) for c in generated.chapters]
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        (case_file(chapters=chapters(2)), "content.chapters"),
+        (case_file(chapters=chapters(8)), "content.chapters"),
+        (case_file(patient=patient(gender=pb.GENDER_UNSPECIFIED)), "content.patient.gender"),
+        (case_file(patient=patient(gender=7)), "content.patient.gender"),
+        (case_file(patient=patient(admission_date="")), "content.patient.admission_date"),
+        (case_file(patient=patient(admission_date="12/03/1894")), "content.patient.admission_date"),
+        (case_file(patient=patient(admission_date="1894-02-30")), "content.patient.admission_date"),
+        (case_file(patient=patient(admission_date="1799-12-31")), "content.patient.admission_date"),
+        (case_file(patient=patient(admission_date="2101-01-01")), "content.patient.admission_date"),
+        (case_file(patient=patient(age=131)), "content.patient.age"),
+        (case_file(title="# Ward *Nine*"), "content.title"),
+        (case_file(chapters=[*chapters(2), pb.Chapter(title="Last", text="She <screamed>.")]), "content.chapters[2].text"),
+        (case_file(chapters=[*chapters(2), pb.Chapter(title="Last", text="x" * 20_001)]), "content.chapters[2].text"),
+        (case_file(chapters=[pb.Chapter(title="Two\nlines", text="a"), *chapters(2)]), "content.chapters[0].title"),
+    ],
+)
+async def test_case_file_limits_are_invalid_argument_naming_the_field(story, db, content, field):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=content), metadata=GATEWAY)
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(raised.value).fields == (field,)
+    assert raised.value.details().startswith(f"{field}:")
+    assert await count_rows(db) == (0, 0)
+
+
+# ---------------------------------------------------------------------------- errors a program can act on
+
+
+async def refusal(call):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    return details_of(raised.value)
+
+
+async def test_typical_refusals_carry_details_a_client_reads(story):
+    missing = "00000000-0000-4000-8000-000000000000"
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=case_file()), metadata=GATEWAY)).story
+
+    invalid = await refusal(story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=case_file(title="")), metadata=GATEWAY))
+    not_found = await refusal(story.GetStory(pb.GetStoryRequest(story_id=missing), metadata=GATEWAY))
+    stale = await refusal(
+        story.SetStoryImage(
+            pb.SetStoryImageRequest(story_id=created.story_id, storage_id="portraits/x/2.png", attempt=2), metadata=IMAGE
+        )
+    )
+    in_progress = await refusal(story.RetryPortrait(pb.RetryPortraitRequest(story_id=created.story_id), metadata=ADMIN))
+
+    assert (invalid.code, invalid.violations) == (grpc.StatusCode.INVALID_ARGUMENT, (("content.title", "must not be empty"),))
+    assert (invalid.reason, invalid.retry_after_seconds) == ("", None)
+    assert (not_found.code, not_found.reason, not_found.domain) == (grpc.StatusCode.NOT_FOUND, "STORY_NOT_FOUND", "story.casefile")
+    assert not_found.metadata == {"story_id": missing}
+    assert (stale.code, stale.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "STALE_ATTEMPT")
+    assert stale.metadata == {"story_id": created.story_id, "attempt": "2", "current_attempt": "1"}
+    assert (in_progress.code, in_progress.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "PORTRAIT_IN_PROGRESS")
+    assert in_progress.metadata == {"story_id": created.story_id, "attempt": "1"}
+
+
+async def test_a_writer_told_to_wait_is_unavailable_with_that_wait_as_retry_info(anthropic_story, db):
+    stub, fake = anthropic_story
+    # Longer than the writer's retry budget: the caller hears it at once instead of after it.
+    fake.fail_next(1, status=429, message="rate limited", headers={"retry-after": "120"})
+
+    details = await refusal(stub.GenerateStory(pb.GenerateStoryRequest(user_id="u1"), metadata=GATEWAY))
+
+    assert (details.code, details.reason, details.domain) == (grpc.StatusCode.UNAVAILABLE, "WRITER_UNAVAILABLE", "story.casefile")
+    assert details.retry_after_seconds == 120
+    assert "rate limited" in details.message
+    assert len(fake.requests_to("/v1/messages")) == 1
+    assert await count_rows(db) == (0, 0)
+
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+async def test_writer_calls_and_retries_are_counted_by_outcome_and_reason(anthropic_server):
+    stub, fake, server = anthropic_server
+    before = await scrape(server.metrics.url)
+    fake.fail_next(1, status=429, message="slow down")
+    fake.reply_next("no JSON here")  # then an unusable reply, sent back once
+
+    await stub.GenerateStory(pb.GenerateStoryRequest(user_id="u1"), metadata=GATEWAY)
+    after = await scrape(server.metrics.url)
+
+    def moved(name: str, **labels: str) -> float:
+        return after.value(name, kind="writer", provider="anthropic", **labels) - before.value(
+            name, kind="writer", provider="anthropic", **labels
+        )
+
+    assert moved("casefile_provider_retries_total", reason="rate_limited") == 1
+    assert moved("casefile_provider_retries_total", reason="unusable_reply") == 1
+    assert moved("casefile_provider_call_seconds_count", outcome="transient_error") == 1
+    assert moved("casefile_provider_call_seconds_count", outcome="ok") == 2
+    assert len(fake.requests_to("/v1/messages")) == 3
+
+
+async def test_outbox_backlog_and_publish_lag_while_nats_is_away(database_url, nats_server):
+    config = Config.from_env(
+        {"STORY_ADDR": "127.0.0.1:0", "DATABASE_URL": database_url, "NATS_URL": nats_server.url, "AUTH_TOKENS": TOKENS,
+         "OUTBOX_POLL_INTERVAL_SECONDS": "0.1", "METRICS_ADDR": "127.0.0.1:0"}
+    )  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        server = await build(config, stack)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        stack.push_async_callback(channel.close)
+        stub = story_service_pb2_grpc.StoryServiceStub(channel)
+        before = await scrape(server.metrics.url)
+        nats_server.stop()
+        for user in ("u1", "u2"):
+            await stub.CreateStory(pb.CreateStoryRequest(user_id=user, content=case_file()), metadata=GATEWAY)
+        waiting = await scrape(server.metrics.url)
+        nats_server.start()
+        async with asyncio.timeout(30):  # a hang guard: the relay publishes once NATS is back
+            while (drained := await scrape(server.metrics.url)).value("casefile_outbox_backlog", outbox=OUTBOX):
+                await asyncio.sleep(0.1)
+
+    assert waiting.value("casefile_outbox_backlog", outbox=OUTBOX) == 2
+    assert waiting.value("casefile_outbox_oldest_unpublished_seconds", outbox=OUTBOX) > 0
+    assert drained.value("casefile_outbox_oldest_unpublished_seconds", outbox=OUTBOX) == 0
+    published = "casefile_outbox_published_total"
+    assert drained.value(published, outbox=OUTBOX) - before.value(published, outbox=OUTBOX) == 2
+    lag = "casefile_outbox_publish_lag_seconds"
+    assert drained.value(f"{lag}_count", outbox=OUTBOX) - before.value(f"{lag}_count", outbox=OUTBOX) == 2
+    # Their lag includes the outage they waited out.
+    assert drained.value(f"{lag}_sum", outbox=OUTBOX) - before.value(f"{lag}_sum", outbox=OUTBOX) > 0

@@ -15,6 +15,7 @@ from services.story.config import Config
 from services.story.main import build
 from shared.auth import bearer_metadata
 from shared.grpc_errors import details_of
+from tests.case_files import case_file
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -25,12 +26,7 @@ WATCHERS = 1000
 
 
 def content() -> pb.StoryContent:
-    return pb.StoryContent(
-        title="Ward Nine",
-        patient=pb.Patient(name="Edith Crane", age=41, diagnosis="Somnambulism", appearance="Pale"),
-        chapters=[pb.Chapter(title="Admission", text="She arrived at night.")],
-        image_generation_prompt="a pale woman",
-    )
+    return case_file(image_generation_prompt="a pale woman")
 
 
 @contextlib.asynccontextmanager

@@ -135,14 +135,24 @@ async def test_backoff_wins_when_retry_after_is_shorter():
     assert 4 * 0.9 <= time.sleeps[2] <= 4 * 1.1
 
 
-async def test_retry_after_is_capped_by_the_remaining_budget():
+async def test_backoff_is_capped_by_the_remaining_budget():
+    time = FakeTime()
+    operation = always_failing(Failure())
+    with pytest.raises(Failure):
+        await retry(operation, time, budget_seconds=10, first_delay=8, max_delay=8)
+    assert time.sleeps == [pytest.approx(8.0, rel=0.11), pytest.approx(10.0 - time.sleeps[0])]
+    assert operation.calls == 3
+
+
+async def test_a_retry_after_beyond_the_remaining_budget_ends_the_retries_at_once():
     time = FakeTime()
     error = Failure(retry_after=30.0)
     operation = always_failing(error)
-    with pytest.raises(Failure):
+    with pytest.raises(Failure) as raised:
         await retry(operation, time, budget_seconds=10)
-    assert time.sleeps == [pytest.approx(10.0)]
-    assert operation.calls == 2
+    assert raised.value is error
+    assert time.sleeps == []
+    assert operation.calls == 1
 
 
 async def test_time_spent_in_the_operation_counts_against_the_budget():

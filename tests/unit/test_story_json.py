@@ -54,7 +54,8 @@ def test_a_good_story_comes_back_unchanged():
     [
         ("title", KeyError, "the reply: lacks title"),
         ("patient.gender", KeyError, "patient: lacks gender"),
-        ("patient.age", 0, "patient.age: must be a whole number from 1 to 110"),
+        ("patient.age", 131, "patient.age: must be a whole number from 0 to 130"),
+            ("patient.admission_date", "1799-12-31", "patient.admission_date: must be from 1800-01-01 to 2100-12-31"),
         ("patient.age", "34", "patient.age"),
         ("patient.age", True, "patient.age"),
         ("patient.age", 34.5, "patient.age"),

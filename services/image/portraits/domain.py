@@ -17,6 +17,7 @@ import contextlib
 import enum
 import io
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +31,11 @@ from services.image.durable_consumer import Outcome, ack, retry
 from services.image.errors import DependencyUnavailable, LeaseLost
 from services.image.lease import LeaseTiming, lease_kept
 from services.image.portraits import storage
+from services.image.portraits.metrics import PORTRAITS_FINISHED, observe_step
 from services.image.portraits.storage import AttemptStatus, PortraitClaim
 from services.image.providers.base import GeneratedImage, ImageProvider, ProviderError, ProviderNotConfigured
+from shared.logs import logged_step
+from shared.metrics import PROVIDER_RETRIES, ProviderKind, ProviderOutcome, observe_provider_call, retry_reason
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +163,10 @@ def portrait_key(story_id: uuid.UUID, attempt: int) -> str:
 
 
 class _ProviderTransient(Exception):
-    def __init__(self, reason: str, retry_after: float | None) -> None:
+    def __init__(self, reason: str, retry_after: float | None, retry_reason: str) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.retry_reason = retry_reason  # the metric's label: rate_limited, timeout, ...
 
 
 # ---------------------------------------------------------------- the use cases
@@ -185,7 +190,7 @@ async def paint_portrait(event: PortraitEvent, deps: PortraitDeps, *, delivery: 
     if not claim.claimed:
         # Another worker holds this attempt (a duplicate event, or a live worker whose
         # message came back); it owns the outcome.
-        log.info("portrait.busy_elsewhere", extra=ids)
+        log.info("portrait.attempt_already_claimed", extra=ids)
         # The consumer's usual backoff, not the whole lease: the holder usually finishes soon.
         return retry("another worker is painting this portrait", status="BUSY")
     return await _under_lease(event, deps, lease_owner, ids, _advance(event, story, claim, lease_owner, deps, ids, final))
@@ -234,7 +239,7 @@ async def _story_or_outcome(event: PortraitEvent, deps: PortraitDeps, ids: dict)
     if story.attempt != event.attempt or story.final:
         # A forged, replayed or stale event: the story says what is current, not the event.
         log.warning(
-            "portrait.event_not_current",
+            "portrait.event_outdated",
             extra={**ids, "current_attempt": story.attempt, "story_status": story.status.value},
         )
         return ack("NOT_CURRENT")
@@ -278,6 +283,7 @@ async def _advance(
     except _ProviderTransient as error:
         if final or _budget_spent(claim, deps):
             return await _give_up(event, lease_owner, deps, claim.deliveries, str(error))
+        PROVIDER_RETRIES.labels(ProviderKind.IMAGE, _provider_name(deps), error.retry_reason).inc()
         await _release(event, lease_owner, deps, str(error))
         return retry(str(error), delay_seconds=error.retry_after)
     except _TRANSIENT as error:
@@ -291,7 +297,7 @@ async def _resume(
 ) -> Outcome:
     """Runs the steps from the first one this attempt has not done yet."""
     if not story.prompt.strip():
-        log.warning("portrait.prompt_blank", extra=ids)
+        log.warning("portrait.blank_prompt_skipped", extra=ids)
         return await _finish(event, lease_owner, deps, AttemptStatus.SKIPPED, BLANK_PROMPT_REASON)
     key = portrait_key(event.story_id, event.attempt)
     status = claim.status
@@ -316,18 +322,25 @@ async def _resume(
 async def _generate(prompt: str, deps: PortraitDeps, ids: dict) -> bytes:
     """One provider call (no in-process retries: a retry waits as a delayed redelivery,
     holding no worker slot); PNG bytes, or ProviderError / _ProviderTransient."""
-    with _step("generate", ids, provider=getattr(deps.provider, "name", "?")):
+    provider = _provider_name(deps)
+    with _step("generate", ids, provider=provider):
+        started = time.perf_counter()
+        outcome = ProviderOutcome.TRANSIENT_ERROR
         try:
             async with asyncio.timeout(deps.timeouts.provider_seconds):
                 image = await deps.provider.generate(prompt=prompt, width=PORTRAIT_SIDE, height=PORTRAIT_SIDE)
+            outcome = ProviderOutcome.OK
         except TimeoutError:
             raise _ProviderTransient(
-                f"provider: no image within {deps.timeouts.provider_seconds:g} s", None
+                f"provider: no image within {deps.timeouts.provider_seconds:g} s", None, retry_reason(None, timed_out=True)
             ) from None
         except ProviderError as error:
             if error.transient:
-                raise _ProviderTransient(f"provider: {error.reason}", error.retry_after) from error
+                raise _ProviderTransient(f"provider: {error.reason}", error.retry_after, retry_reason(error.status)) from error
+            outcome = ProviderOutcome.PERMANENT_ERROR
             raise
+        finally:
+            observe_provider_call(ProviderKind.IMAGE, provider, outcome, time.perf_counter() - started)
     try:
         return await asyncio.to_thread(_as_png, image)
     except Exception as error:  # Pillow raises many types for a corrupt file
@@ -369,7 +382,8 @@ async def _attach(event: PortraitEvent, lease_owner: uuid.UUID, key: str, deps: 
         await _record(deps, storage.mark_final, event, lease_owner, AttemptStatus.FAILED, _trim(str(error)))
         return ack("STORY_REFUSED")
     await _record(deps, storage.mark_final, event, lease_owner, AttemptStatus.READY, None)
-    log.info("portrait.ready", extra={**ids, "storage_id": key})
+    PORTRAITS_FINISHED.labels(AttemptStatus.READY.value).inc()
+    log.info("portrait.attempt_succeeded", extra={**ids, "storage_id": key})
     return ack("READY")
 
 
@@ -385,6 +399,8 @@ async def _finish(
     except (StoryGone, StoryMovedOn, StoryRejected) as error:
         reason = _trim(f"{reason}; the story refused the status: {error}")
     await _record(deps, storage.mark_final, event, lease_owner, status, reason)
+    PORTRAITS_FINISHED.labels(status.value).inc()
+    log.info("portrait.attempt_ended", extra={**ids, "status": status.value, "error": reason})
     return ack(status.value)
 
 
@@ -392,7 +408,7 @@ async def _give_up(
     event: PortraitEvent, lease_owner: uuid.UUID, deps: PortraitDeps, deliveries: int, reason: str
 ) -> Outcome:
     reason = f"gave up after {deliveries} deliveries: {reason}"
-    log.error("portrait.giving_up", extra=_ids(event, deliveries=deliveries, error=reason))
+    log.error("portrait.retries_exhausted", extra=_ids(event, deliveries=deliveries, error=reason))
     # If even this fails, the consumer naks the last delivery; JetStream then announces it
     # as out of deliveries and end_abandoned_portrait records the failure later.
     return await _finish(event, lease_owner, deps, AttemptStatus.FAILED, reason)
@@ -432,18 +448,18 @@ async def _record(deps: PortraitDeps, write: Any, event: PortraitEvent, lease_ow
 
 @contextlib.contextmanager
 def _step(step: str, ids: dict, **fields: Any) -> Iterator[None]:
-    """One JSON line at the start, the success and the failure of each pipeline step."""
-    log.info("portrait.step_started", extra={**ids, "step": step, **fields})
-    try:
+    """Each pipeline step logs its start and its end (story_id, attempt, step, duration_ms,
+    error) and is timed in casefile_portrait_step_seconds."""
+    with logged_step(log, "portrait", step, ids, describe=_describe, observe=observe_step, **fields):
         yield
-    except Exception as error:
-        log.warning("portrait.step_failed", extra={**ids, "step": step, "error": _describe(error), **fields})
-        raise
-    log.info("portrait.step_succeeded", extra={**ids, "step": step, **fields})
 
 
 def _ids(event: PortraitEvent, **fields: Any) -> dict[str, Any]:
-    return {"story_id": str(event.story_id), "portrait_attempt": event.attempt, **fields}
+    return {"story_id": str(event.story_id), "attempt": event.attempt, **fields}
+
+
+def _provider_name(deps: PortraitDeps) -> str:
+    return getattr(deps.provider, "name", "unknown")
 
 
 def _describe(error: BaseException) -> str:

@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 from casefile.story.v1 import story_events_pb2
 from services.image.durable_consumer import ConsumerSettings, Delivery, DurableConsumer, Outcome, ack, retry, term
 from services.image.portraits.domain import PortraitEvent, UnusableEvent, portrait_event
+from services.image.portraits.metrics import PORTRAIT_DELIVERIES
 from shared.config import NatsSettings
 from shared.nats import connect_nats_until_ready
 from shared.streams import PORTRAIT_DEAD_LETTERS, PORTRAITS_DURABLE, STORY_CREATED_SUBJECT, STORY_EVENTS
@@ -59,9 +60,12 @@ def portrait_consumer(settings: PortraitConsumerSettings, paint: Paint) -> Durab
         try:
             event = decode_story_created(delivery.data)
         except (DecodeError, UnusableEvent) as error:
-            log.error("portrait.event_undecodable", extra={"delivery": delivery.number, "error": str(error)})
-            return term(str(error))
-        return await paint(event, delivery.number, delivery.final)
+            log.error("portrait.event_rejected", extra={"delivery": delivery.number, "error": str(error)})
+            outcome = term(str(error))
+        else:
+            outcome = await paint(event, delivery.number, delivery.final)
+        PORTRAIT_DELIVERIES.labels(outcome.status).inc()
+        return outcome
 
     return DurableConsumer(
         ConsumerSettings(

@@ -240,7 +240,7 @@ async def _resolve_public_address(url: httpx.URL) -> IpAddress:
     refused = [address for address in addresses if not is_public_address(address)]
     if refused or not addresses:
         log.warning(
-            "download.refused_address",
+            "download.address_refused",
             extra={"host": url.host, "address": str(refused[0]) if refused else ""},
         )
         raise ProviderError("image URL points to a private or reserved address", transient=False)

@@ -13,7 +13,8 @@ import contextlib
 import functools
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ import httpx
 
 from services.story.writers.base import WriterError
 from services.story.writers.story_json import GENDERS, StoryJsonError, read_story
+from shared.metrics import PROVIDER_RETRIES, ProviderKind, ProviderOutcome, observe_provider_call, retry_reason
 from shared.retry import call_with_retries, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,11 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
+UNUSABLE_REPLY = "unusable_reply"  # the retry reason of a follow-up turn
+
+
+class WriterTimeout(WriterError):
+    """The model did not answer in time (told apart from other network failures in metrics)."""
 
 
 class ChatWriter:
@@ -127,6 +134,8 @@ async def write_story(
         except StoryJsonError as error:
             problem = str(error)
         log.warning("story.writer_reply_rejected", extra={"writer": writer_name, "turn": turn, "error": problem})
+        if turn <= MAX_REPAIRS:
+            PROVIDER_RETRIES.labels(ProviderKind.WRITER, writer_name, UNUSABLE_REPLY).inc()
         # An empty assistant turn is refused by the Messages API, so an empty reply is named.
         said = reply.text.strip() or "(an empty reply)"
         messages = [*messages, {"role": "assistant", "content": said}, {"role": "user", "content": _repair(problem)}]
@@ -158,10 +167,14 @@ def _repair(problem: str) -> str:
 
 async def _with_retries(writer_name: str, call: Callable[[], Awaitable[ModelReply]], policy: RetryPolicy) -> ModelReply:
     def on_retry(error: BaseException, retry: int, delay: float) -> None:
+        status = error.status if isinstance(error, WriterError) else None
+        reason = retry_reason(status, timed_out=isinstance(error, WriterTimeout))
+        PROVIDER_RETRIES.labels(ProviderKind.WRITER, writer_name, reason).inc()
         log.warning(
-            "story.writer_retry",
-            extra={"writer": writer_name, "retry": retry, "delay_seconds": round(delay, 3), "error": str(error)},
-        )
+            "story.writer_call_retried",
+            extra={"writer": writer_name, "retry": retry, "reason": reason, "delay_seconds": round(delay, 3),
+                   "error": str(error)},
+        )  # fmt: skip
 
     return await call_with_retries(
         call,
@@ -184,23 +197,39 @@ async def post_json(
     body: dict[str, Any],
     timeout: float,
 ) -> dict[str, Any]:
-    """POSTs `body`; the decoded JSON object of a 2xx answer, else WriterError."""
-    async with _http_client(client) as http:
+    """POSTs `body`; the decoded JSON object of a 2xx answer, else WriterError. Each call is
+    timed in casefile_provider_call_seconds."""
+    with _timed_call(writer_name):
+        async with _http_client(client) as http:
+            try:
+                response = await http.post(url, json=body, headers=headers, timeout=timeout)
+            except httpx.TimeoutException:
+                raise WriterTimeout(f"{writer_name}: request timed out", transient=True) from None
+            except httpx.TransportError as error:
+                raise WriterError(f"{writer_name}: {type(error).__name__}", transient=True) from None
+        if response.status_code >= 400:
+            raise _error_from_response(writer_name, response)
         try:
-            response = await http.post(url, json=body, headers=headers, timeout=timeout)
-        except httpx.TimeoutException:
-            raise WriterError(f"{writer_name}: request timed out", transient=True) from None
-        except httpx.TransportError as error:
-            raise WriterError(f"{writer_name}: {type(error).__name__}", transient=True) from None
-    if response.status_code >= 400:
-        raise _error_from_response(writer_name, response)
+            reply = response.json()
+        except ValueError:
+            raise WriterError(f"{writer_name}: response is not JSON", transient=True) from None
+        if not isinstance(reply, dict):
+            raise WriterError(f"{writer_name}: response is not a JSON object", transient=True)
+        return reply
+
+
+@contextlib.contextmanager
+def _timed_call(writer_name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    outcome = ProviderOutcome.TRANSIENT_ERROR  # also for a cancelled call
     try:
-        reply = response.json()
-    except ValueError:
-        raise WriterError(f"{writer_name}: response is not JSON", transient=True) from None
-    if not isinstance(reply, dict):
-        raise WriterError(f"{writer_name}: response is not a JSON object", transient=True)
-    return reply
+        yield
+        outcome = ProviderOutcome.OK
+    except WriterError as error:
+        outcome = ProviderOutcome.TRANSIENT_ERROR if error.transient else ProviderOutcome.PERMANENT_ERROR
+        raise
+    finally:
+        observe_provider_call(ProviderKind.WRITER, writer_name, outcome, time.perf_counter() - started)
 
 
 @contextlib.asynccontextmanager

@@ -14,28 +14,23 @@ import re
 import unicodedata
 from typing import Any
 
+from services.story import model
+from services.story.model import MAX_AGE, MAX_CHAPTERS, MIN_AGE, MIN_CHAPTERS
 from shared.validation import text_problem
 
-GENDERS = ("female", "male", "other")
-MIN_CHAPTERS = 3
-MAX_CHAPTERS = 7
-MIN_AGE = 1
-MAX_AGE = 110
-# The story domain's own limits (CreateStory content), so a story that passes here is never
-# refused there.
+# The limits are the story model's own (the ones CreateStory content meets), so a story
+# that passes here is never refused by the domain.
+GENDERS = tuple(gender.value for gender in model.Gender)
 MAX_CHARS = {
-    "title": 200,
-    "patient.name": 200,
-    "patient.diagnosis": 500,
-    "patient.appearance": 2000,
-    "chapter.title": 200,
-    "chapter.text": 20_000,
-    "image_generation_prompt": 4000,
+    "title": model.MAX_TITLE_CHARS,
+    "patient.name": model.MAX_NAME_CHARS,
+    "patient.diagnosis": model.MAX_DIAGNOSIS_CHARS,
+    "patient.appearance": model.MAX_APPEARANCE_CHARS,
+    "chapter.title": model.MAX_CHAPTER_TITLE_CHARS,
+    "chapter.text": model.MAX_CHAPTER_TEXT_CHARS,
+    "image_generation_prompt": model.MAX_IMAGE_PROMPT_CHARS,
 }
-# Players type titles and chapters on an ordinary keyboard: letters, digits, spaces and
-# plain punctuation. Markdown or HTML would have to be typed literally, so none of that.
-TYPEABLE = re.compile(r"[A-Za-z0-9 \n.,;:!?'\"()\-/&%$]*")
-_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 # Typographic characters models like to use, with what a keyboard has instead.
 _PLAIN_PUNCTUATION = str.maketrans(
     {
@@ -161,9 +156,9 @@ def plain_ascii(text: str) -> str:
 
 
 def typeable_phrase(text: str) -> str:
-    """`text` reduced to what TYPEABLE allows, on one line: for a caller's theme in a story."""
+    """`text` reduced to typeable characters, on one line: for a caller's theme in a story."""
     text = plain_ascii(text)
-    kept = "".join(" " if char.isspace() else char for char in text if char.isspace() or TYPEABLE.fullmatch(char))
+    kept = "".join(" " if char.isspace() else char for char in text if char.isspace() or char in model.TYPEABLE_CHARS)
     return " ".join(kept.split())
 
 
@@ -198,8 +193,8 @@ def _text(value: Any, where: str, max_chars: int, *, newlines: bool = False) -> 
 
 def _typeable(value: Any, where: str, max_chars: int, *, newlines: bool = False) -> str:
     text = _text(value, where, max_chars, newlines=newlines)
-    if not TYPEABLE.fullmatch(text):
-        odd = sorted({char for char in text if not TYPEABLE.fullmatch(char)})
+    odd = model.untypeable_chars(text, newlines=newlines)
+    if odd:
         raise StoryJsonError(f"{where}: must be plain prose without markup; remove {' '.join(odd)}")
     return text
 
@@ -220,9 +215,13 @@ def _gender(value: Any) -> str:
 
 def _admission_date(value: Any) -> str:
     text = value.strip() if isinstance(value, str) else ""
+    earliest, latest = model.EARLIEST_ADMISSION, model.LATEST_ADMISSION
     try:
         if not _ISO_DATE.fullmatch(text):
             raise ValueError
-        return datetime.date.fromisoformat(text).isoformat()
+        admitted = datetime.date.fromisoformat(text)
     except ValueError:
         raise StoryJsonError("patient.admission_date: must be a real date written YYYY-MM-DD") from None
+    if not earliest <= admitted <= latest:
+        raise StoryJsonError(f"patient.admission_date: must be from {earliest.isoformat()} to {latest.isoformat()}")
+    return admitted.isoformat()

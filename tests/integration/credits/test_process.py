@@ -65,6 +65,6 @@ async def test_process_without_valid_auth_tokens_exits_2_naming_the_variable(
 
     assert exit_code == 2
     events = log_events(process.log_tail())
-    failures = [line for line in events if line["event"] == "config.invalid"]
+    failures = [line for line in events if line["event"] == "config.rejected"]
     assert len(failures) == 1
     assert failures[0]["error"].startswith("AUTH_TOKENS: ")
