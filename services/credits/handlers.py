@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from decimal import Decimal
 from functools import wraps
 from typing import Any, TypeVar
 
 import asyncpg
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from casefile.credits.v1 import credits_service_pb2 as pb
 from casefile.credits.v1 import credits_service_pb2_grpc as pb_grpc
 from services.credits import domain
 from shared.auth import allow
 from shared.grpc_errors import ErrorTable
+from shared.proto_time import to_timestamp
 from shared.grpc_server import add_strictly_decoded
 
 log = logging.getLogger(__name__)
@@ -212,8 +211,8 @@ def account_to_proto(account: domain.Account) -> pb.Account:
         balance=account.balance,
         storage_used_bytes=account.storage_used_bytes,
         storage_quota_bytes=account.storage_quota_bytes,
-        create_time=_timestamp(account.created_at),
-        update_time=_timestamp(account.updated_at),
+        create_time=to_timestamp(account.created_at),
+        update_time=to_timestamp(account.updated_at),
     )
 
 
@@ -239,12 +238,8 @@ def entry_to_proto(entry: domain.LedgerEntry) -> pb.LedgerEntry:
         balance_after=entry.balance_after,
         reference=entry.reference,
         request_id=entry.request_id,
-        create_time=_timestamp(entry.created_at),
+        create_time=to_timestamp(entry.created_at),
         refunded_charge_id=entry.refunded_charge_id,
     )
 
 
-def _timestamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp

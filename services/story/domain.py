@@ -38,6 +38,7 @@ from services.story.model import (
     StoryPage,
 )
 from services.story.writers.base import StoryWriter, WriterError
+from shared.db import pooled_connection
 from shared.logs import logged_step
 from shared.validation import id_problem, optional_id_problem, text_problem
 
@@ -316,7 +317,7 @@ def decode_page_token(token: str) -> PageCursor:
 async def _connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection; the database being away becomes StoreUnavailable."""
     try:
-        async with pool.acquire(timeout=storage.STATEMENT_TIMEOUT_SECONDS) as conn:
+        async with pooled_connection(pool, storage.STATEMENT_TIMEOUT_SECONDS) as conn:
             yield conn
     except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
             asyncpg.ConnectionDoesNotExistError, asyncpg.exceptions.QueryCanceledError) as error:

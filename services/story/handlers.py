@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 
 import asyncpg
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from casefile.story.v1 import story_service_pb2 as pb
 from casefile.story.v1 import story_service_pb2_grpc
@@ -17,6 +16,7 @@ from services.story import domain
 from services.story.writers.base import StoryWriter
 from shared.auth import allow, current_caller
 from shared.grpc_errors import ErrorTable
+from shared.proto_time import to_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,6 @@ async def _refuse(context: grpc.aio.ServicerContext, method: str, error: domain.
     await ERRORS.abort(context, error)
 
 
-def _timestamp(value: Any) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def story_to_proto(story: domain.Story) -> pb.Story:
@@ -119,8 +115,8 @@ def story_to_proto(story: domain.Story) -> pb.Story:
         storage_id=story.storage_id,
         portrait_status=PORTRAIT_STATUS_TO_PROTO[story.portrait_status],
         portrait_error=story.portrait_error,
-        create_time=_timestamp(story.create_time),
-        update_time=_timestamp(story.update_time),
+        create_time=to_timestamp(story.create_time),
+        update_time=to_timestamp(story.update_time),
         portrait_attempt=story.portrait_attempt,
         typing_difficulty=story.typing_difficulty,
         theme=authorship.theme,

@@ -25,6 +25,8 @@ _COLUMNS = (
 )  # fmt: skip
 _STORY_COLUMNS = ", ".join(["story_id::text AS story_id", *_COLUMNS])
 _STORY_COLUMNS_OF_S = ", ".join(["s.story_id::text AS story_id", *(f"s.{column}" for column in _COLUMNS)])
+# GetStory's one statement (also what tests/bench/select_server.py measures as the ceiling).
+GET_STORY_SQL = f"SELECT {_STORY_COLUMNS} FROM story.stories WHERE story_id = $1"
 
 
 def _story_from_row(row: asyncpg.Record) -> model.Story:
@@ -157,9 +159,8 @@ async def find_by_request(conn: asyncpg.Connection, user_id: str, request_id: st
 
 
 async def get_story(conn: asyncpg.Connection, story_id: str, *, for_update: bool = False) -> model.Story | None:
-    lock = " FOR UPDATE" if for_update else ""
     row = await conn.fetchrow(
-        f"SELECT {_STORY_COLUMNS} FROM story.stories WHERE story_id = $1{lock}",
+        GET_STORY_SQL + " FOR UPDATE" if for_update else GET_STORY_SQL,
         story_id,
         timeout=STATEMENT_TIMEOUT_SECONDS,
     )

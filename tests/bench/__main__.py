@@ -14,11 +14,12 @@ import platform
 import sys
 import time
 
-from tests.bench import credits_bench, story_bench
+from tests.bench import credits_bench, downloads_bench, outbox_bench, story_bench
 from tests.bench.report import Figure, table, write_json
 from tools.infra import REPO_ROOT
 
-PARTS = {"story": story_bench, "credits": credits_bench}
+PARTS = {"story": story_bench, "credits": credits_bench, "outbox": outbox_bench,
+         "downloads": downloads_bench}
 RESULTS_DIR = REPO_ROOT / ".run" / "bench"
 
 

@@ -7,11 +7,11 @@ costs beyond this is what the credits service itself adds.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import asyncpg
 import grpc
+import uvloop
 
 from casefile.credits.v1 import credits_service_pb2 as pb
 
@@ -53,4 +53,6 @@ async def serve(port: int, database_url: str, pool_size: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+    # On the event loop the services run on (shared.grpc_server.serve_main), so the ceiling
+    # has the same parts underneath as the service it bounds.
+    uvloop.run(serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from shared.auth import bearer_metadata
 from tools.infra import (
@@ -42,6 +43,12 @@ async def bench_database() -> AsyncIterator[str]:
         yield dsn
     finally:
         await drop_database(admin_dsn, name)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def base_env(database_url: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -21,8 +22,16 @@ import grpc
 
 from casefile.story.v1 import story_service_pb2 as pb
 from casefile.story.v1 import story_service_pb2_grpc
-from tests.bench import echo_server
-from tests.bench.harness import AS_GATEWAY, AS_IMAGE, base_env, bench_database, calls_per_second, paired_rates
+from tests.bench import echo_server, select_server
+from tests.bench.harness import (
+    AS_GATEWAY,
+    AS_IMAGE,
+    alternating_rates,
+    base_env,
+    bench_database,
+    calls_per_second,
+    paired,
+)
 from tests.bench.report import Figure, figure, ratio_figure
 from tests.case_files import case_file
 from tools.infra import MotoS3Server, NatsServer, ServiceProcess, free_port, wait_for_tcp
@@ -48,36 +57,65 @@ async def measure_throughput(
     args: argparse.Namespace,
     name: str = "story.get_story",
     aim: str | None = GET_STORY_AIM,
-) -> Figure:
+    select_addr: str | None = None,
+) -> list[Figure]:
+    """GetStory against the echo; with `select_addr`, also the bare SELECT server (the
+    ceiling) against the echo and GetStory against it, all in the same alternating rounds."""
     request = pb.GetStoryRequest(story_id=story_id)
     concurrency = args.story_concurrency
-    async with grpc.aio.insecure_channel(story_addr) as story_channel, grpc.aio.insecure_channel(echo_addr) as echo_channel:
+    async with contextlib.AsyncExitStack() as stack:
+        story_channel = await stack.enter_async_context(grpc.aio.insecure_channel(story_addr))
         stub = story_service_pb2_grpc.StoryServiceStub(story_channel)
-        # Same client work on both sides: serialize a GetStoryRequest, parse a GetStoryResponse.
-        echo = echo_channel.unary_unary(
-            echo_server.METHOD,
-            request_serializer=pb.GetStoryRequest.SerializeToString,
-            response_deserializer=pb.GetStoryResponse.FromString,
-        )
+
+        def bench_method(addr: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
+            # Same client work on every side: serialize a GetStoryRequest, parse a GetStoryResponse.
+            channel = grpc.aio.insecure_channel(addr)
+            stack.push_async_callback(channel.close)
+            return channel.unary_unary(
+                method, request_serializer=pb.GetStoryRequest.SerializeToString,
+                response_deserializer=pb.GetStoryResponse.FromString,
+            )
 
         async def get_story() -> None:
             await stub.GetStory(request, metadata=AS_GATEWAY)
 
+        echo = bench_method(echo_addr, echo_server.METHOD)
+
         async def echo_call() -> None:
             await echo(request, metadata=AS_GATEWAY)
 
-        await calls_per_second(get_story, 1.0, concurrency)  # warm-up: connections, caches
-        await calls_per_second(echo_call, 1.0, concurrency)
-        paired = await paired_rates(
-            lambda: calls_per_second(get_story, args.seconds, concurrency),
-            lambda: calls_per_second(echo_call, args.seconds, concurrency),
+        contenders = {"service": get_story, "echo": echo_call}
+        if select_addr is not None:
+            select = bench_method(select_addr, select_server.METHOD)
+
+            async def select_call() -> None:
+                await select(request, metadata=AS_GATEWAY)
+
+            contenders["select"] = select_call
+        for call in contenders.values():
+            await calls_per_second(call, 1.0, concurrency)  # warm-up: connections, caches
+        rates = await alternating_rates(
+            {label: (lambda c=call: calls_per_second(c, args.seconds, concurrency)) for label, call in contenders.items()},
             args.rounds,
         )
-    return ratio_figure(
-        name, paired.value, paired.baseline, "calls/s", aim=aim,
-        baseline_is="bare grpc.aio echo, same payload size", concurrency=concurrency, response_bytes=response_bytes,
-        ratio_per_round=paired.ratios,
-    )
+    versus_echo = paired(rates["service"], rates["echo"])
+    notes = {"concurrency": concurrency, "response_bytes": response_bytes}
+    figures = [
+        ratio_figure(name, versus_echo.value, versus_echo.baseline, "calls/s", aim=aim,
+                     baseline_is="bare grpc.aio echo, same payload size", ratio_per_round=versus_echo.ratios, **notes),
+    ]
+    if select_addr is not None:
+        ceiling = paired(rates["select"], rates["echo"])
+        versus_select = paired(rates["service"], rates["select"])
+        figures += [
+            ratio_figure("story.bare_select_server", ceiling.value, ceiling.baseline, "calls/s",
+                         baseline_is="bare grpc.aio echo, same payload size: gRPC plus one indexed SELECT, "
+                                     "the ceiling for GetStory here", ratio_per_round=ceiling.ratios, **notes),
+            ratio_figure("story.get_story_vs_bare_select_server", versus_select.value, versus_select.baseline,
+                         "calls/s", baseline_is="bare grpc.aio server running GetStory's SELECT",
+                         ratio_per_round=versus_select.ratios, **notes),
+        ]
+    return figures
 
 
 async def measure_portrait_latency(story_addr: str, stories: int, poll_seconds: float) -> list[Figure]:
@@ -188,12 +226,23 @@ async def run(args: argparse.Namespace) -> list[Figure]:
                 work / "echo.log",
                 argv=[sys.executable, "-m", "tests.bench.echo_server", str(echo_port), str(sample.ByteSize())],
             ).start()
-            processes.append(echo)
+            select_port = free_port()
+            select = ServiceProcess(
+                "select",
+                env,
+                work / "select.log",
+                argv=[sys.executable, "-m", "tests.bench.select_server", str(select_port), database_url,
+                      str(sample.ByteSize())],
+            ).start()
+            processes += [echo, select]
             await wait_for_tcp("127.0.0.1", echo_port, 15)
+            await wait_for_tcp("127.0.0.1", select_port, 15)
 
             throughput = await measure_throughput(
-                env["STORY_ADDR"], f"127.0.0.1:{echo_port}", sample.story.story_id, sample.ByteSize(), args
+                env["STORY_ADDR"], f"127.0.0.1:{echo_port}", sample.story.story_id, sample.ByteSize(), args,
+                select_addr=f"127.0.0.1:{select_port}",
             )
+            select.terminate()
             with_metrics = await measure_throughput(
                 metered_env["STORY_ADDR"], f"127.0.0.1:{echo_port}", sample.story.story_id, sample.ByteSize(), args,
                 name="story.get_story_with_metrics", aim=None,
@@ -202,7 +251,7 @@ async def run(args: argparse.Namespace) -> list[Figure]:
             latency = await measure_portrait_latency(env["STORY_ADDR"], args.stories, args.poll_ms / 1000)
             image.terminate()  # from here on the bench plays the image service itself
             fan_out = await measure_watch_fan_out(env["STORY_ADDR"], args)
-            return [throughput, with_metrics, *latency, fan_out]
+            return [*throughput, *with_metrics, *latency, fan_out]
         finally:
             for process in reversed(processes):
                 process.terminate()

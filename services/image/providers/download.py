@@ -57,14 +57,17 @@ class ImageDownloader:
         self.timeout = timeout
 
     async def fetch(self, url: str) -> GeneratedImage:
+        return await asyncio.to_thread(image_from_bytes, await self.download(url))
+
+    async def download(self, url: str) -> bytes:
+        """The body at `url` (redirects followed and checked), not yet checked to be an image."""
         # httpx timeouts are per read; a server dripping one byte a second would never trip
         # them, so the whole download gets one deadline.
         try:
             async with asyncio.timeout(self.timeout):
-                data = await self._download(url)
+                return await self._download(url)
         except TimeoutError:
             raise ProviderError("image download timed out", transient=True) from None
-        return await asyncio.to_thread(image_from_bytes, data)
 
     async def _download(self, url: str) -> bytes:
         async with self._http_client() as client:
@@ -106,19 +109,26 @@ class ImageDownloader:
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             raise _too_large(self.max_bytes)
         decoder = _decoder_for(response.headers.get("content-encoding", ""))
-        body = bytearray()
+        # The decoded pieces are kept as they come and joined once: one copy of the image in
+        # all, where growing a bytearray and then turning it into bytes made three.
+        pieces: list[bytes] = []
+        size = 0
         try:
             # Raw bytes, decoded here with a bound: a few KB of gzip can inflate to GBs.
             async for chunk in response.aiter_raw():
-                body += decoder.decode(chunk, self.max_bytes - len(body) + 1)
-                if len(body) > self.max_bytes:
+                piece = decoder.decode(chunk, self.max_bytes - size + 1)
+                pieces.append(piece)
+                size += len(piece)
+                if size > self.max_bytes:
                     raise _too_large(self.max_bytes)
-            body += decoder.finish(self.max_bytes - len(body) + 1)
+            piece = decoder.finish(self.max_bytes - size + 1)
         except httpx.TransportError as error:
             raise _network_error(error) from error
-        if len(body) > self.max_bytes:
+        pieces.append(piece)
+        size += len(piece)
+        if size > self.max_bytes:
             raise _too_large(self.max_bytes)
-        return bytes(body)
+        return b"".join(pieces)
 
 
 class _Identity:

@@ -1,0 +1,100 @@
+"""The provider-image download's client CPU per MiB against aiohttp's, side by side.
+
+A child process serves one 1 MiB object over HTTP/1.1 on loopback (aiohttp.web, so the
+server is the same for both clients). This process downloads it again and again with
+services.image.providers.download.ImageDownloader (httpx: bounded decoded size, redirects
+checked, one connection per host name) and with a plain aiohttp ClientSession reading the
+whole body, and measures its own CPU time per MiB. Rounds alternate so that machine noise
+hits both. The image check after the download (Pillow) is the same for any HTTP client and
+is left out of both sides.
+
+ALLOW_PRIVATE_DOWNLOADS is on for the downloader, as it must be for any server on loopback:
+the address check of a public host (one getaddrinfo per download) is not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import httpx
+from aiohttp import web
+
+from services.image.providers.download import ImageDownloader
+from tests.bench.report import Figure, ratio_figure
+
+CPU_AIM = "ratio <= 2"
+MIB = 1024 * 1024
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("downloads")
+    group.add_argument("--downloads", type=int, default=100, help="downloads of the 1 MiB object per client per round")
+
+
+def _serve(connection, size: int) -> None:
+    body = bytes(range(256)) * (size // 256)
+
+    async def image(_request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="image/png")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/image.png", image)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        connection.send(site._server.sockets[0].getsockname()[1])
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+async def _cpu_ms_per_mib(download: Callable[[], Awaitable[int]], count: int) -> float:
+    received = 0
+    started = time.process_time()
+    for _ in range(count):
+        received += await download()
+    return (time.process_time() - started) * 1000 / (received / MIB)
+
+
+async def run(args: argparse.Namespace) -> list[Figure]:
+    parent, child = multiprocessing.Pipe()
+    server = multiprocessing.get_context("spawn").Process(target=_serve, args=(child, MIB), daemon=True)
+    server.start()
+    try:
+        port = parent.recv()
+        url = f"http://127.0.0.1:{port}/image.png"
+        async with httpx.AsyncClient(follow_redirects=False) as client, aiohttp.ClientSession() as session:
+            downloader = ImageDownloader(client, allow_private=True)
+
+            async def with_downloader() -> int:
+                return len(await downloader.download(url))
+
+            async def with_aiohttp() -> int:
+                async with session.get(url) as response:
+                    return len(await response.read())
+
+            for download in (with_downloader, with_aiohttp):  # warm-up: connections, code paths
+                await _cpu_ms_per_mib(download, 5)
+            httpx_ms, aiohttp_ms = [], []
+            for _ in range(args.rounds):
+                httpx_ms.append(await _cpu_ms_per_mib(with_downloader, args.downloads))
+                aiohttp_ms.append(await _cpu_ms_per_mib(with_aiohttp, args.downloads))
+    finally:
+        server.terminate()
+        server.join(5)
+    ratios = [round(h / a, 3) for h, a in zip(httpx_ms, aiohttp_ms, strict=True)]
+    return [
+        ratio_figure(
+            "downloads.client_cpu_per_mib", statistics.median(httpx_ms), statistics.median(aiohttp_ms), "ms CPU/MiB",
+            aim=CPU_AIM, baseline_is="aiohttp ClientSession reading the same 1 MiB object from the same server",
+            downloads_per_round=args.downloads, ratio_per_round=ratios,
+        )
+    ]
