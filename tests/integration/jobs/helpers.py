@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import uuid
+from urllib.parse import urlsplit
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from services.image.config import Config
 from services.image.main import build
 from shared.auth import bearer_metadata
 from shared.grpc_errors import ErrorDetails, details_of
+from tests.fakes.tcp_proxy import TcpProxy
 from tests.integration.credits.helpers import CreditsUnderTest, serve_credits
 
 CALL_TIMEOUT_S = 10
@@ -110,15 +112,23 @@ def job_request(user_id: str = "u1", **fields: Any) -> pb.CreateGenerationJobReq
 @contextlib.asynccontextmanager
 async def serve_jobs(
     *, database_url: str, nats_url: str, s3_endpoint_url: str, s3_bucket: str, tokens: dict[str, str],
-    credits_env: dict[str, str] | None = None, credits_addr: str | None = None, **image_overrides: str,
+    credits_env: dict[str, str] | None = None, proxies: bool = False, **image_overrides: str,
 ) -> AsyncIterator[JobsStack]:  # fmt: skip
-    """Credits (unless `credits_addr` names one already running) and the image service."""
+    """Credits and the image service; with `proxies`, the image service reaches credits and
+    S3 through TCP proxies that a test can cut (extra["credits_proxy"], extra["s3_proxy"])."""
     async with contextlib.AsyncExitStack() as stack:
         credits_settings = {"CHARGE_RATE_PER_SECOND": "1000", "CHARGE_BURST": "1000", **(credits_env or {})}
         credits = await stack.enter_async_context(serve_credits(database_url, tokens, **credits_settings))
-        target = credits_addr or credits.addr
-        env = image_env(database_url=database_url, nats_url=nats_url, s3_endpoint_url=s3_endpoint_url,
-                        s3_bucket=s3_bucket, credits_addr=target, tokens=tokens, **image_overrides)  # fmt: skip
+        extra: dict[str, Any] = {}
+        credits_addr, s3_url = credits.addr, s3_endpoint_url
+        if proxies:
+            host, port = credits.addr.rsplit(":", 1)
+            extra["credits_proxy"] = await stack.enter_async_context(TcpProxy(host, int(port)))
+            parts = urlsplit(s3_endpoint_url)
+            extra["s3_proxy"] = await stack.enter_async_context(TcpProxy(parts.hostname, parts.port))
+            credits_addr, s3_url = extra["credits_proxy"].address, extra["s3_proxy"].url
+        env = image_env(database_url=database_url, nats_url=nats_url, s3_endpoint_url=s3_url,
+                        s3_bucket=s3_bucket, credits_addr=credits_addr, tokens=tokens, **image_overrides)  # fmt: skip
         server = await build(Config.from_env(env), stack)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         stack.push_async_callback(channel.close)
@@ -128,7 +138,7 @@ async def serve_jobs(
         s3 = await stack.enter_async_context(
             session.create_client("s3", endpoint_url=s3_endpoint_url, region_name="us-east-1")
         )
-        yield JobsStack(pb_grpc.ImageServiceStub(channel), credits, db, s3, s3_bucket, tokens, server.port)
+        yield JobsStack(pb_grpc.ImageServiceStub(channel), credits, db, s3, s3_bucket, tokens, server.port, extra)
 
 
 async def eventually(check: Callable, *, timeout: float = 10.0, what: str = "condition"):
