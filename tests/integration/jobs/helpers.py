@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiobotocore.session
+import nats
 import asyncpg
 import grpc
 import pytest
@@ -23,6 +24,7 @@ from services.image.config import Config
 from services.image.main import build
 from shared.auth import bearer_metadata
 from shared.grpc_errors import ErrorDetails, details_of
+from shared.streams import IMAGE_JOBS, JOBS_DURABLE
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.integration.credits.helpers import CreditsUnderTest, serve_credits
 
@@ -203,3 +205,15 @@ async def money_problems(db: asyncpg.Connection) -> list[str]:
     problems += [f"settled job {row['job_id']} says refunded {row['credits_refunded']}, ledger {row['refunded']}"
                  for row in refunds]  # fmt: skip
     return problems
+
+
+async def queue_drained(nats_url: str) -> bool:
+    """Every job message was acknowledged: no worker is working on any job any more."""
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().consumer_info(IMAGE_JOBS.name, JOBS_DURABLE)
+    except Exception:  # noqa: BLE001 - not declared yet
+        return False
+    finally:
+        await nc.close()
+    return info.num_ack_pending == 0 and info.num_pending == 0
