@@ -65,7 +65,11 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     objects = await _open_object_store(config, stack)
     # One HTTP client for the process, so provider calls and downloads reuse connections;
     # redirects stay off because the downloader checks every hop itself.
-    http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
+    # Every job and portrait in flight may be waiting on a provider at once: httpx's default
+    # of 100 connections would queue the rest behind them.
+    limits = httpx.Limits(max_connections=config.jobs.concurrency + config.portrait_concurrency,
+                          max_keepalive_connections=100)  # fmt: skip
+    http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False, limits=limits))
     timeouts = PortraitTimeouts(
         provider_seconds=config.portrait_provider_timeout_seconds,
         step_seconds=config.portrait_step_timeout_seconds,

@@ -108,7 +108,7 @@ class ObjectStore:
         await self.ensure_bucket()
         if await self.exists(key):
             return False
-        extra = {"ServerSideEncryption": self._server_side_encryption} if encrypted and self._server_side_encryption else {}
+        extra = self._encryption(encrypted)
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 await self._client.put_object(
@@ -133,6 +133,21 @@ class ObjectStore:
         except _S3_FAILURES as error:
             raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
         return True
+
+    async def put(self, key: str, data: bytes, content_type: str, *, encrypted: bool = False) -> None:
+        """Stores the object under `key`, replacing what is there: for callers whose key
+        always gets the same bytes, so a repeat changes nothing and needs no check first."""
+        await self.ensure_bucket()
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                await self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, **self._encryption(encrypted)
+                )
+        except _S3_FAILURES as error:
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
+
+    def _encryption(self, encrypted: bool) -> dict[str, str]:
+        return {"ServerSideEncryption": self._server_side_encryption} if encrypted and self._server_side_encryption else {}
 
     async def delete(self, key: str) -> None:
         """Removes the object; a key that is not there is already what was asked."""

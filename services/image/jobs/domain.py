@@ -27,6 +27,7 @@ only once settled, so a credits outage only delays the refunds.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -187,7 +188,7 @@ class Models(Protocol):
 
 
 class JobObjects(Protocol):
-    async def put_new(self, key: str, data: bytes, content_type: str) -> bool: ...
+    async def put(self, key: str, data: bytes, content_type: str, *, encrypted: bool = False) -> None: ...
     async def delete(self, key: str) -> None: ...
 
 
@@ -409,14 +410,16 @@ async def create_job(deps: JobDeps, request: JobRequest) -> Created:
 
 async def _create(deps: JobDeps, request: JobRequest) -> Created:
     checked = check_request(request, deps.models, deps.catalog)
-    existing = await _read_row(deps, checked.job_id)
+    # The quota is read while the row is: a new request (the usual case) waits for one
+    # round trip, not two; a replay has read the account for nothing, which is cheap.
+    existing, account = await _gather(_read_row(deps, checked.job_id), deps.credits.get_account(request.user_id))
     if existing is not None:
         replay = await _replay(deps, checked, existing)
         if replay is not None:
             return replay
     else:
         await _check_parent(deps, checked)
-    await _check_storage_quota(deps, request.user_id)
+    _check_storage_quota(account)
     # Each pass either answers or sees a change a twin made (an insert, a commit, a
     # revival), so a few passes always suffice.
     for _ in range(5):
@@ -483,7 +486,7 @@ async def _charge(deps: JobDeps, checked: CheckedRequest, attempt: int) -> Charg
 
 async def _commit(deps: JobDeps, checked: CheckedRequest, attempt: int, charged: Charged) -> Job | None:
     row = await _write(deps, storage.commit_charged_job, checked.job_id, attempt, charged.charge_id, charged.balance)
-    return await _job(deps, row) if row is not None else None
+    return Job(row, ()) if row is not None else None  # a job just made PENDING has no image yet
 
 
 def checked_row(checked: CheckedRequest) -> storage.NewJob:
@@ -515,8 +518,7 @@ async def _check_parent(deps: JobDeps, checked: CheckedRequest) -> None:
         raise InvalidJobRequest([("parent_job_id", "no such job for this user")])
 
 
-async def _check_storage_quota(deps: JobDeps, user_id: str) -> None:
-    account = await deps.credits.get_account(user_id)
+def _check_storage_quota(account: Account) -> None:
     if account.storage_used_bytes >= account.storage_quota_bytes:
         raise StorageQuotaExceeded(used=account.storage_used_bytes, quota=account.storage_quota_bytes)
 
@@ -643,10 +645,10 @@ async def settle_job(deps: JobDeps, row: JobRow) -> JobRow:
     row as settled. DependencyUnavailable when credits is away (call again later)."""
     if row.settled:
         return row
-    for slot in await _write(deps, storage.slots_to_undo, row.job_id):
-        await _give_back_storage(deps, row, slot)
-    async with _connection(deps) as conn:
-        slots = await storage.job_slots(conn, row.job_id, timeout=deps.settings.step_seconds)
+    slots = await _write(deps, storage.job_slots, row.job_id)
+    for slot in slots:
+        if slot.status is SlotStatus.FAILED and slot.reserved_bytes is not None:
+            await _give_back_storage(deps, row, slot)
     for slot in slots:
         if slot.refund and not slot.refunded:
             await _refund_slot(deps, row, slot)
@@ -745,6 +747,19 @@ async def job_stats(deps: JobDeps, *, user_id: str, project_id: str) -> JobStats
 
 
 # ---------------------------------------------------------------- plumbing
+
+
+async def _gather(first: Any, second: Any) -> tuple[Any, Any]:
+    """Both results; if either fails, the other is cancelled and the first failure raised."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        one, two = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return one, two
 
 
 @contextlib.asynccontextmanager

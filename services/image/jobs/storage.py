@@ -168,20 +168,32 @@ async def get_job(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float
 
 
 async def insert_intent(conn: asyncpg.Connection, job: NewJob, intent_seconds: float, *, timeout: float) -> bool:
-    """The job as CHARGING and its queue message held for `intent_seconds`; False if it exists."""
+    """The job as CHARGING and its queue message held for `intent_seconds`, in one statement
+    (so one round trip, atomic); False if the job exists already."""
     values = [getattr(job, item.name) for item in fields(NewJob)]
     columns = ", ".join(item.name for item in fields(NewJob))
     placeholders = ", ".join(f"${n}" for n in range(1, len(values) + 1))
-    async with conn.transaction():
-        inserted = await conn.fetchval(
-            f"INSERT INTO image.jobs ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING RETURNING true",
+    first = len(values) + 1
+    return bool(
+        await conn.fetchval(
+            f"""
+            WITH job AS (
+                INSERT INTO image.jobs ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING RETURNING job_id),
+            queued AS (
+                INSERT INTO image.job_outbox (job_id, subject, msg_id, payload, available_at)
+                SELECT job_id, ${first}, ${first + 1}, ${first + 2}, now() + make_interval(secs => ${first + 3})
+                  FROM job
+                ON CONFLICT (msg_id) DO NOTHING)
+            SELECT count(*) = 1 FROM job
+            """,
             *values,
+            JOB_QUEUED_SUBJECT,
+            job_queued_msg_id(job.job_id, 1),
+            encode_job_queued(job.job_id, job.user_id, 1),
+            intent_seconds,
             timeout=timeout,
         )
-        if not inserted:
-            return False
-        await _queue(conn, job.job_id, job.user_id, 1, intent_seconds, timeout=timeout)
-    return True
+    )
 
 
 async def _queue(
@@ -246,42 +258,34 @@ async def drop_refused_intent(conn: asyncpg.Connection, job_id: uuid.UUID, attem
 async def commit_charged_job(
     conn: asyncpg.Connection, job_id: uuid.UUID, attempt: int, charge_id: str, balance: int, *, timeout: float
 ) -> JobRow | None:
-    """PENDING with its charge, its image slots, and its message released; None unless the
-    intent was still CHARGING under this attempt (a twin committed, or it was abandoned)."""
-    async with conn.transaction():
-        row = _job(
-            await conn.fetchrow(
-                f"""
+    """PENDING with its charge, its image slots, and its message released, in one statement;
+    None unless the intent was still CHARGING under this attempt, with no worker abandoning
+    it (a twin committed, or it was abandoned)."""
+    return _job(
+        await conn.fetchrow(
+            f"""
+            WITH j AS (
                 UPDATE image.jobs j
                    SET status = 'PENDING', charge_id = $3, balance_after = $4, update_time = clock_timestamp()
                  WHERE j.job_id = $1 AND j.status = 'CHARGING' AND j.charge_attempt = $2 AND j.lease_owner IS NULL
-                RETURNING {_JOB_COLUMNS}
-                """,
-                job_id,
-                attempt,
-                charge_id,
-                balance,
-                timeout=timeout,
-            )
-        )
-        if row is None:
-            return None
-        await conn.execute(
-            """
-            INSERT INTO image.job_images (job_id, slot, image_id)
-            SELECT $1, slot, gen_random_uuid() FROM generate_series(0, $2 - 1) AS slot
-            ON CONFLICT DO NOTHING
+                RETURNING {_JOB_COLUMNS}),
+            slots AS (
+                INSERT INTO image.job_images (job_id, slot, image_id)
+                SELECT j.job_id, slot, gen_random_uuid() FROM j, generate_series(0, j.num_images - 1) AS slot
+                ON CONFLICT DO NOTHING),
+            released AS (
+                UPDATE image.job_outbox SET available_at = NULL
+                 WHERE msg_id = $5 AND EXISTS (SELECT 1 FROM j))
+            SELECT * FROM j
             """,
             job_id,
-            row.num_images,
-            timeout=timeout,
-        )
-        await conn.execute(
-            "UPDATE image.job_outbox SET available_at = NULL WHERE msg_id = $1",
+            attempt,
+            charge_id,
+            balance,
             job_queued_msg_id(job_id, attempt),
             timeout=timeout,
         )
-    return row
+    )
 
 
 # ---------------------------------------------------------------- reads
@@ -340,11 +344,14 @@ async def job_slots(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: flo
     return [_slot(record) for record in records]
 
 
-async def kept_pictures(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float) -> dict[int, bytes]:
+async def kept_slots(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float) -> list[tuple[SlotRow, bytes]]:
+    """The GENERATED slots with their kept pictures, in slot order."""
     records = await conn.fetch(
-        "SELECT slot, png FROM image.job_images WHERE job_id = $1 AND status = 'GENERATED'", job_id, timeout=timeout
+        f"SELECT {_SLOT_COLUMNS}, i.png FROM image.job_images i WHERE i.job_id = $1 AND i.status = 'GENERATED' ORDER BY i.slot",
+        job_id,
+        timeout=timeout,
     )
-    return {record["slot"]: record["png"] for record in records}
+    return [(_slot(record), record["png"]) for record in records]
 
 
 async def user_has_image(conn: asyncpg.Connection, user_id: str, storage_id: str, *, timeout: float) -> bool:
@@ -766,17 +773,6 @@ async def finish_abandoning(
         timeout=timeout,
     )
     return _updated(result) == 1
-
-
-async def slots_to_undo(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float) -> list[SlotRow]:
-    """Failed slots that may hold a reservation (and an object) to give back."""
-    records = await conn.fetch(
-        f"""SELECT {_SLOT_COLUMNS} FROM image.job_images i
-             WHERE i.job_id = $1 AND i.status = 'FAILED' AND i.reserved_bytes IS NOT NULL""",
-        job_id,
-        timeout=timeout,
-    )
-    return [_slot(record) for record in records]
 
 
 async def forget_reservation(conn: asyncpg.Connection, job_id: uuid.UUID, slot: int, *, timeout: float) -> None:

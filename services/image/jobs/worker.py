@@ -210,9 +210,11 @@ async def _advance(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -
             stopped = None
         if stopped is not None:
             return stopped
-    if any(slot.status is SlotStatus.GENERATED for slot in await _read_slots(deps, row.job_id)):
+    kept = await _write(deps, storage.kept_slots, row.job_id)
+    if kept:
         await _must(deps, storage.set_status, row.job_id, owner, JobStatus.UPLOADING)
-        await _upload_all(deps, row, owner, ids)
+        for slot, png in kept:
+            await _upload(deps, row, owner, slot, png, ids)
     return await _finish(deps, row, owner, ids)
 
 
@@ -308,13 +310,6 @@ async def _give_up_painting(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids
     await _must(deps, storage.fail_slots, row.job_id, owner, pending, reason, refund=True)
 
 
-async def _upload_all(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> None:
-    pictures = await _read_kept(deps, row.job_id)
-    slots = {slot.slot: slot for slot in await _read_slots(deps, row.job_id)}
-    for number, png in sorted(pictures.items()):
-        await _upload(deps, row, owner, slots[number], png, ids)
-
-
 async def _upload(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, slot: SlotRow, png: bytes, ids: dict) -> None:
     key = image_key(row.user_id, row.job_id, slot.slot)
     await _must(deps, storage.mark_reserving, row.job_id, owner, slot.slot, len(png))
@@ -328,7 +323,9 @@ async def _upload(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, slot: SlotRow
         await _must(deps, storage.fail_slots, row.job_id, owner, [slot.slot], f"storage: {error}", refund=True)
         return
     with _step("upload", ids, slot=slot.slot, storage_id=key):
-        await deps.jobs.objects.put_new(key, png, "image/png", encrypted=True)
+        # The same key always gets the same bytes (the picture kept for the slot), so a
+        # second put after a crash rewrites nothing that differs: no existence check first.
+        await deps.jobs.objects.put(key, png, "image/png", encrypted=True)
     with _step("mark_delivered", ids, slot=slot.slot, storage_id=key):
         await _must(deps, storage.mark_delivered, row.job_id, owner, slot.slot, key)
 
@@ -389,10 +386,6 @@ async def _read(deps: WorkerDeps, job_id: uuid.UUID) -> JobRow | None:
 
 async def _read_slots(deps: WorkerDeps, job_id: uuid.UUID) -> list[SlotRow]:
     return await _write(deps, storage.job_slots, job_id)
-
-
-async def _read_kept(deps: WorkerDeps, job_id: uuid.UUID) -> dict[int, bytes]:
-    return await _write(deps, storage.kept_pictures, job_id)
 
 
 async def _release(deps: WorkerDeps, job_id: uuid.UUID, owner: uuid.UUID, *, retried: bool) -> None:
