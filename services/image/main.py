@@ -209,6 +209,9 @@ async def _open_database(config: Config, stack: contextlib.AsyncExitStack) -> as
         max_size=config.portrait_concurrency + JOB_POOL_CONNECTIONS + EXTRA_POOL_CONNECTIONS,
         application_name="casefile-image",
         connect_timeout=config.database_connect_timeout_seconds,
+        # Pool connections never SET, LISTEN or keep advisory locks (the listeners have their
+        # own; migrations unlock theirs): no reset round trip on every release.
+        reset_session_state=False,
     )
     stack.push_async_callback(close_pool, pool)
     async with pool.acquire() as conn:

@@ -422,8 +422,9 @@ async def _create(deps: JobDeps, request: JobRequest) -> Created:
     _check_storage_quota(account)
     # Each pass either answers or sees a change a twin made (an insert, a commit, a
     # revival), so a few passes always suffice.
+    row = existing
     for _ in range(5):
-        attempt = await _intent_attempt(deps, checked)
+        attempt = await _intent_attempt(deps, checked, row)
         if isinstance(attempt, Created):
             return attempt
         charged = await _charge(deps, checked, attempt)
@@ -432,6 +433,7 @@ async def _create(deps: JobDeps, request: JobRequest) -> Created:
             deps.on_queued()
             log.info("job.created", extra=_ids(checked, status=job.status.value, credits_charged=checked.price))
             return Created(job, charged.balance)
+        row = await _read_row(deps, checked.job_id)
     raise JobBeingRefunded()
 
 
@@ -447,12 +449,12 @@ async def _replay(deps: JobDeps, checked: CheckedRequest, row: JobRow) -> Create
     return None
 
 
-async def _intent_attempt(deps: JobDeps, checked: CheckedRequest) -> int | Created:
-    """The charge attempt this request charges under, writing or reviving its intent."""
-    row = await _read_row(deps, checked.job_id)
+async def _intent_attempt(deps: JobDeps, checked: CheckedRequest, row: JobRow | None) -> int | Created:
+    """The charge attempt this request charges under, writing or reviving its intent
+    (`row`: the job as just read)."""
     if row is None:
         inserted = await _write(deps, storage.insert_intent, checked_row(checked), deps.settings.intent_seconds)
-        return 1 if inserted else await _intent_attempt(deps, checked)
+        return 1 if inserted else await _intent_attempt(deps, checked, await _read_row(deps, checked.job_id))
     replay = await _replay(deps, checked, row)
     if replay is not None:
         return replay
@@ -460,7 +462,7 @@ async def _intent_attempt(deps: JobDeps, checked: CheckedRequest) -> int | Creat
         revived = await _write(deps, storage.revive_intent, row.job_id, row.charge_attempt, deps.settings.intent_seconds)
         if revived:
             log.info("job.intent_revived", extra=_ids(checked, charge_attempt=row.charge_attempt + 1))
-        return await _intent_attempt(deps, checked)
+        return await _intent_attempt(deps, checked, await _read_row(deps, checked.job_id))
     return row.charge_attempt
 
 

@@ -553,7 +553,11 @@ async def claim_job(
         UPDATE image.jobs j SET
             deliveries = j.deliveries + 1,
             lease_owner = CASE WHEN {takeable} THEN $2 ELSE j.lease_owner END,
-            lease_until = CASE WHEN {takeable} THEN now() + make_interval(secs => $3) ELSE j.lease_until END
+            lease_until = CASE WHEN {takeable} THEN now() + make_interval(secs => $3) ELSE j.lease_until END,
+            -- Taken for the first time: PROCESSING from now on.
+            status = CASE WHEN {takeable} AND j.status = 'PENDING' THEN 'PROCESSING' ELSE j.status END,
+            start_time = CASE WHEN {takeable} AND j.status = 'PENDING' THEN clock_timestamp() ELSE j.start_time END,
+            update_time = CASE WHEN {takeable} AND j.status = 'PENDING' THEN clock_timestamp() ELSE j.update_time END
          WHERE j.job_id = $1
         RETURNING {_JOB_COLUMNS}, j.lease_owner IS NOT DISTINCT FROM $2 AS claimed,
                   coalesce(extract(epoch FROM j.lease_until - now()), 0)::float8 AS lease_seconds_left,
@@ -641,28 +645,34 @@ async def keep_generated(
     *,
     timeout: float,
 ) -> bool:
-    """The provider's pictures kept (GENERATED), its name and cost added to the job, at once."""
-    async with conn.transaction():
-        updated = await conn.execute(
-            f"""UPDATE image.jobs SET provider = $3,
+    """The provider's pictures kept (GENERATED), its name and cost added to the job, in one statement."""
+    return bool(
+        await conn.fetchval(
+            f"""
+            WITH job AS (
+                UPDATE image.jobs SET provider = $3,
                        provider_cost_microdollars = provider_cost_microdollars + $4, update_time = clock_timestamp()
-                 WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL}""",
+                 WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL}
+                RETURNING job_id),
+            kept AS (
+                UPDATE image.job_images i
+                   SET status = 'GENERATED', png = p.png, width = p.width, height = p.height,
+                       content_type = 'image/png', size_bytes = length(p.png), update_time = clock_timestamp()
+                  FROM job, unnest($5::int[], $6::bytea[], $7::int[], $8::int[]) AS p(slot, png, width, height)
+                 WHERE i.job_id = job.job_id AND i.slot = p.slot AND i.status = 'PENDING')
+            SELECT count(*) = 1 FROM job
+            """,
             job_id,
             owner,
             provider,
             cost_microdollars,
+            [picture.slot for picture in pictures],
+            [picture.png for picture in pictures],
+            [picture.width for picture in pictures],
+            [picture.height for picture in pictures],
             timeout=timeout,
         )
-        if _updated(updated) != 1:
-            return False
-        await conn.executemany(
-            """UPDATE image.job_images SET status = 'GENERATED', png = $3::bytea, width = $4, height = $5,
-                      content_type = 'image/png', size_bytes = length($3::bytea), update_time = clock_timestamp()
-                WHERE job_id = $1 AND slot = $2 AND status = 'PENDING'""",
-            [(job_id, picture.slot, picture.png, picture.width, picture.height) for picture in pictures],
-            timeout=timeout,
-        )
-    return True
+    )
 
 
 async def fail_slots(
@@ -708,43 +718,49 @@ async def mark_reserving(
 async def mark_delivered(
     conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, slot: int, storage_id: str, *, timeout: float
 ) -> bool:
-    """The slot's object is in S3: DELIVERED, and the kept picture dropped."""
-    async with conn.transaction():
-        held = await conn.fetchval(
-            f"""UPDATE image.jobs SET update_time = clock_timestamp()
-                 WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL} RETURNING true""",
+    """The slot's object is in S3: DELIVERED, and the kept picture dropped, in one statement."""
+    return bool(
+        await conn.fetchval(
+            f"""
+            WITH job AS (
+                UPDATE image.jobs SET update_time = clock_timestamp()
+                 WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL} RETURNING job_id),
+            delivered AS (
+                UPDATE image.job_images i SET status = 'DELIVERED', storage_id = $4, png = NULL,
+                       update_time = clock_timestamp()
+                  FROM job WHERE i.job_id = job.job_id AND i.slot = $3 AND i.status = 'GENERATED'
+                RETURNING i.slot)
+            SELECT count(*) = 1 FROM delivered
+            """,
             job_id,
             owner,
-            timeout=timeout,
-        )
-        if not held:
-            return False
-        result = await conn.execute(
-            """UPDATE image.job_images SET status = 'DELIVERED', storage_id = $3, png = NULL,
-                      update_time = clock_timestamp()
-                WHERE job_id = $1 AND slot = $2 AND status = 'GENERATED'""",
-            job_id,
             slot,
             storage_id,
             timeout=timeout,
         )
-        return _updated(result) == 1
+    )
 
 
 async def finish_job(
     conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, status: JobStatus, error: str, *, timeout: float
 ) -> JobRow | None:
     """COMPLETED or FAILED under our lease (which it releases)."""
-    async with conn.transaction():
-        held = await conn.fetchval(
-            f"SELECT true FROM image.jobs WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL} FOR UPDATE",
+    return _job(
+        await conn.fetchrow(
+            f"""
+            UPDATE image.jobs j
+               SET status = $3, error_message = $4, lease_owner = NULL, lease_until = NULL,
+                   complete_time = clock_timestamp(), update_time = clock_timestamp()
+             WHERE j.job_id = $1 AND j.lease_owner = $2 AND j.status IN {_RUNNING_SQL}
+            RETURNING {_JOB_COLUMNS}
+            """,
             job_id,
             owner,
+            status.value,
+            error[:1000],
             timeout=timeout,
         )
-        if not held:
-            return None
-        return await _end_job(conn, job_id, status, error, timeout=timeout)
+    )
 
 
 async def start_abandoning(conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, *, timeout: float) -> bool:

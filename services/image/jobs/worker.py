@@ -196,8 +196,6 @@ async def _advance(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -
         await _must(deps, storage.fail_slots, row.job_id, owner, None,
                     f"not finished within {deps.settings.job_max_seconds:g} s", refund=True)  # fmt: skip
         return await _finish(deps, row, owner, ids)
-    if row.status is JobStatus.PENDING:
-        await _must(deps, storage.set_status, row.job_id, owner, JobStatus.PROCESSING)
     slots = await _read_slots(deps, row.job_id)
     pending = [slot.slot for slot in slots if slot.status is SlotStatus.PENDING]
     if pending:
@@ -224,8 +222,9 @@ async def _paint(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, pending: Seque
     start = 0
     for count in images_per_call(spec, len(pending)):
         group, rest = list(pending[start : start + count]), list(pending[start:])
+        # A cancellation is looked for before every call but the first (the claim just read the job).
+        latest = await _read(deps, row.job_id) if start else row
         start += count
-        latest = await _read(deps, row.job_id)
         if latest is None or latest.status in storage.FINAL_STATUSES:
             log.info("job.stop_noticed", extra={**ids, "status": latest.status.value if latest else None})
             return await _settle(deps, latest, ids) if latest else ack("UNKNOWN_JOB")
