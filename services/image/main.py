@@ -21,7 +21,7 @@ from services.image.image_urls import SignedObjects
 from services.image.jobs.credits_client import CreditsClient
 from services.image.jobs.domain import JobDeps, JobSettings
 from services.image.jobs.messaging import JobConsumerSettings, job_consumer, job_outbox_relay
-from services.image.jobs.worker import WorkerDeps, WorkerSettings, run_job
+from services.image.jobs.worker import WorkerDeps, WorkerSettings, batched_renewals, run_job
 from services.image.lease import LeaseTiming
 from services.image.objects import ObjectStore, s3_client_config
 from services.image.portraits.domain import (
@@ -146,10 +146,12 @@ async def _start_jobs(
                              watch_max_seconds=settings.watch_max_seconds),  # fmt: skip
         on_queued=relay.kick,
     )
+    lease = LeaseTiming(seconds=settings.ack_wait_seconds + LEASE_MARGIN_SECONDS)
     worker = WorkerDeps(
         jobs=deps,
         provider=router,
-        lease=LeaseTiming(seconds=settings.ack_wait_seconds + LEASE_MARGIN_SECONDS),
+        lease=lease,
+        renewals=batched_renewals(deps, lease),
         settings=WorkerSettings(
             retry_backoff_seconds=settings.retry_backoff_seconds,
             provider_seconds=config.providers.request_timeout_seconds,

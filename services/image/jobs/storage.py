@@ -593,6 +593,23 @@ async def renew_lease(
     return _updated(result) == 1
 
 
+async def renew_leases(
+    conn: asyncpg.Connection, leases: Sequence[tuple[uuid.UUID, uuid.UUID]], lease_seconds: float, *, timeout: float
+) -> set[tuple[uuid.UUID, uuid.UUID]]:
+    """Pushes every (job_id, owner) lease still held to now + lease_seconds; those it renewed."""
+    records = await conn.fetch(
+        """UPDATE image.jobs j SET lease_until = now() + make_interval(secs => $3)
+             FROM unnest($1::uuid[], $2::uuid[]) AS l(job_id, owner)
+            WHERE j.job_id = l.job_id AND j.lease_owner = l.owner
+           RETURNING j.job_id, j.lease_owner""",
+        [job_id for job_id, _ in leases],
+        [owner for _, owner in leases],
+        lease_seconds,
+        timeout=timeout,
+    )
+    return {(record["job_id"], record["lease_owner"]) for record in records}
+
+
 async def release_job(
     conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, *, retried: bool, timeout: float
 ) -> bool:

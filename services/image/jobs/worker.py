@@ -53,7 +53,7 @@ from services.image.jobs.domain import (
 )
 from services.image.jobs.metrics import JOB_DELIVERIES, JOBS_FINISHED, count_refund, observe_step
 from services.image.jobs.storage import JobRow, JobStatus, KeptPicture, SlotRow, SlotStatus
-from services.image.lease import LeaseTiming, lease_kept
+from services.image.lease import BatchedRenewals, LeaseTiming, lease_kept
 from services.image.providers.base import GenerationProvider, GenerationRequest, GenerationResult, ProviderError
 from services.image.providers.pictures import as_png
 from shared.logs import logged_step
@@ -83,6 +83,19 @@ class WorkerDeps:
     provider: GenerationProvider  # the ProviderRouter
     lease: LeaseTiming
     settings: WorkerSettings = WorkerSettings()
+    # The process's leases renewed together (see lease.BatchedRenewals); None: one by one.
+    renewals: BatchedRenewals | None = None
+
+
+def batched_renewals(jobs: JobDeps, lease: LeaseTiming) -> BatchedRenewals:
+    """One statement renews every job lease this process holds that is due."""
+
+    async def renew_many(keys: list[tuple[uuid.UUID, uuid.UUID]]) -> set[tuple[uuid.UUID, uuid.UUID]]:
+        step = jobs.settings.step_seconds
+        async with jobs.pool.acquire(timeout=step) as conn:
+            return await storage.renew_leases(conn, keys, lease.seconds, timeout=step)
+
+    return BatchedRenewals(renew_many)
 
 
 class _Transient(Exception):
@@ -130,6 +143,8 @@ async def _run(deps: WorkerDeps, job_id: uuid.UUID) -> Outcome:
 
 async def _under_lease(deps: WorkerDeps, job_id: uuid.UUID, owner: uuid.UUID, ids: dict, work: Any) -> Outcome:
     async def renew() -> bool:
+        if deps.renewals is not None:
+            return await deps.renewals.renew((job_id, owner))
         return await _write(deps, storage.renew_lease, job_id, owner, deps.lease.seconds)
 
     try:
