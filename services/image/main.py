@@ -151,7 +151,7 @@ async def _start_jobs(
         jobs=deps,
         provider=router,
         lease=lease,
-        renewals=batched_renewals(deps, lease),
+        renewals=batched_renewals(await _open_lease_pool(config, stack), lease, step),
         settings=WorkerSettings(
             retry_backoff_seconds=settings.retry_backoff_seconds,
             provider_seconds=config.providers.request_timeout_seconds,
@@ -178,6 +178,15 @@ async def _start_jobs(
     stack.push_async_callback(consumer.stop)
     stack.callback(consumer.metrics().close)
     return deps
+
+
+async def _open_lease_pool(config: Config, stack: contextlib.AsyncExitStack) -> asyncpg.Pool:
+    pool = await create_pool(
+        config.database_url, min_size=1, max_size=2, application_name="casefile-image-leases",
+        connect_timeout=config.database_connect_timeout_seconds, reset_session_state=False,
+    )  # fmt: skip
+    stack.push_async_callback(close_pool, pool)
+    return pool
 
 
 def _open_credits_client(config: Config, stack: contextlib.AsyncExitStack) -> CreditsClient:

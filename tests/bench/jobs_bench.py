@@ -41,6 +41,9 @@ CREATE_AIM = "ratio >= 0.4"
 CREATE_P99_AIM = "value <= 20"
 LIST_P99_AIM = "value <= 10"
 FUNDING = 10**12
+# The batch's jobs belong to this many players, as a thousand jobs in flight would: the
+# credits service serializes each player's storage and usage updates on their account row.
+BATCH_USERS = 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +86,7 @@ async def run(args: argparse.Namespace) -> list[Figure]:
             async with grpc.aio.insecure_channel(env["IMAGE_ADDR"]) as channel, \
                     grpc.aio.insecure_channel(env["CREDITS_ADDR"]) as credits_channel:  # fmt: skip
                 stub = image_service_pb2_grpc.ImageServiceStub(channel)
-                await _fund(credits_service_pb2_grpc.CreditsServiceStub(credits_channel), ["bench", "bench-list", "bench-batch-local", "bench-batch-provider_2s"])
+                await _fund(credits_service_pb2_grpc.CreditsServiceStub(credits_channel), ["bench", "bench-list", *_batch_users("local"), *_batch_users("provider_2s")])
                 sample = await stub.CreateGenerationJob(_request("bench"), metadata=AS_GATEWAY)
                 echo_port = free_port()
                 echo = ServiceProcess("echo", env, work / "echo.log", argv=[
@@ -113,10 +116,19 @@ def _request(user_id: str, model: str = "local/sketch") -> pb.CreateGenerationJo
                                          model=model, width=size, height=size, num_images=1)  # fmt: skip
 
 
+def _batch_users(label: str) -> list[str]:
+    return [f"bench-batch-{label}-{n}" for n in range(BATCH_USERS)]
+
+
 async def _fund(stub, users: list[str]) -> None:
-    for user in users:
-        await stub.Grant(credits_pb.GrantRequest(user_id=user, amount=FUNDING, reason="bench", request_id=f"fund-{user}"),
-                         metadata=AS_ADMIN)  # fmt: skip
+    gate = asyncio.Semaphore(16)
+
+    async def grant(user: str) -> None:
+        async with gate:
+            await stub.Grant(credits_pb.GrantRequest(user_id=user, amount=FUNDING, reason="bench",
+                                                     request_id=f"fund-{user}"), metadata=AS_ADMIN)  # fmt: skip
+
+    await asyncio.gather(*(grant(user) for user in users))
 
 
 async def _create_throughput(stub, echo_addr: str, response_bytes: int, args: argparse.Namespace) -> Figure:
@@ -193,37 +205,38 @@ async def _steady_latencies(stub, args: argparse.Namespace) -> list[Figure]:
 
 async def _batch(stub, nats_server, database_url: str, image, model: str, label: str, args) -> list[Figure]:
     """`args.jobs` jobs created while NATS is away, then all taken at once by the one process."""
-    user = f"bench-batch-{label}"
+    users = _batch_users(label)
     nats_server.stop()
     gate = asyncio.Semaphore(64)
 
-    async def create() -> None:
+    async def create(n: int) -> None:
         async with gate:
-            await stub.CreateGenerationJob(_request(user, model), metadata=AS_GATEWAY)
+            await stub.CreateGenerationJob(_request(users[n % len(users)], model), metadata=AS_GATEWAY)
 
-    await asyncio.gather(*(create() for _ in range(args.jobs)))
+    await asyncio.gather(*(create(n) for n in range(args.jobs)))
     rss_before = _peak_rss_mb(image)
     nats_server.start()
-    conn = await _drained(database_url, timeout=300, user=user)
+    conn = await _drained(database_url, timeout=300, users=users)
     try:
         row = await conn.fetchrow(
             """SELECT extract(epoch FROM max(complete_time) - min(start_time)) AS batch_s,
                       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM complete_time - start_time)) AS p99_s,
                       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM complete_time - start_time)) AS p50_s,
                       count(*) FILTER (WHERE status = 'COMPLETED') AS completed, count(*) AS jobs
-                 FROM image.jobs WHERE user_id = $1""",
-            user,
+                 FROM image.jobs WHERE user_id = ANY($1::text[])""",
+            users,
         )
         peak = await conn.fetchval(
             """SELECT max(running) FROM (
                    SELECT sum(d) OVER (ORDER BY t, d ROWS UNBOUNDED PRECEDING) AS running FROM (
-                       SELECT start_time AS t, 1 AS d FROM image.jobs WHERE user_id = $1
-                       UNION ALL SELECT complete_time, -1 FROM image.jobs WHERE user_id = $1) AS events) AS counted""",
-            user,
+                       SELECT start_time AS t, 1 AS d FROM image.jobs WHERE user_id = ANY($1::text[])
+                       UNION ALL SELECT complete_time, -1 FROM image.jobs WHERE user_id = ANY($1::text[])) AS events
+               ) AS counted""",
+            users,
         )
     finally:
         await conn.close()
-    notes = {"jobs": row["jobs"], "completed": row["completed"], "model": model, "p50_job_s": round(row["p50_s"], 3),
+    notes = {"users": len(users), "jobs": row["jobs"], "completed": row["completed"], "model": model, "p50_job_s": round(row["p50_s"], 3),
              "p99_job_s": round(row["p99_s"], 3), "peak_in_flight": peak}  # fmt: skip
     figures = []
     if label == "provider_2s":
@@ -236,14 +249,14 @@ async def _batch(stub, nats_server, database_url: str, image, model: str, label:
     return figures
 
 
-async def _drained(database_url: str, *, timeout: float, user: str | None = None) -> asyncpg.Connection:
-    """Waits until every job (of `user`) is settled; returns an open connection."""
+async def _drained(database_url: str, *, timeout: float, users: list[str]) -> asyncpg.Connection:
+    """Waits until every job of `users` is settled; returns an open connection."""
     conn = await asyncpg.connect(database_url)
     deadline = time.perf_counter() + timeout
     while True:
         open_jobs = await conn.fetchval(
-            "SELECT count(*) FROM image.jobs WHERE NOT settled AND status NOT IN ('ABANDONED') AND ($1::text IS NULL OR user_id = $1)",
-            user,
+            "SELECT count(*) FROM image.jobs WHERE NOT settled AND status <> 'ABANDONED' AND user_id = ANY($1::text[])",
+            users,
         )
         if open_jobs == 0:
             return conn

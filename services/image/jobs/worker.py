@@ -87,13 +87,14 @@ class WorkerDeps:
     renewals: BatchedRenewals | None = None
 
 
-def batched_renewals(jobs: JobDeps, lease: LeaseTiming) -> BatchedRenewals:
-    """One statement renews every job lease this process holds that is due."""
+def batched_renewals(pool: Any, lease: LeaseTiming, step_seconds: float) -> BatchedRenewals:
+    """One statement renews every job lease this process holds that is due. `pool` is the
+    renewals' own: behind a thousand jobs' statements in the main pool's queue, a renewal
+    could wait longer than the lease lasts."""
 
     async def renew_many(keys: list[tuple[uuid.UUID, uuid.UUID]]) -> set[tuple[uuid.UUID, uuid.UUID]]:
-        step = jobs.settings.step_seconds
-        async with jobs.pool.acquire(timeout=step) as conn:
-            return await storage.renew_leases(conn, keys, lease.seconds, timeout=step)
+        async with pool.acquire(timeout=step_seconds) as conn:
+            return await storage.renew_leases(conn, keys, lease.seconds, timeout=step_seconds)
 
     return BatchedRenewals(renew_many)
 
@@ -149,7 +150,7 @@ async def _under_lease(deps: WorkerDeps, job_id: uuid.UUID, owner: uuid.UUID, id
 
     try:
         async with lease_kept(renew, deps.lease, log_fields=ids):
-            return await work
+            done = await work
     except LeaseLost:
         # Cancelled meanwhile (the cancel cleared our lease), or another worker took over.
         return await _after_lease_lost(deps, job_id, ids)
@@ -159,6 +160,11 @@ async def _under_lease(deps: WorkerDeps, job_id: uuid.UUID, owner: uuid.UUID, id
     except _TRANSIENT as error:
         await _release(deps, job_id, owner, retried=False)
         return retry(_describe(error))
+    if isinstance(done, Outcome):
+        return done
+    # Final, and the lease given back with the final write: settling needs no lease (each
+    # credits call is idempotent), and a renewal would now find the lease gone.
+    return await _settle(deps, done, ids)
 
 
 async def _after_lease_lost(deps: WorkerDeps, job_id: uuid.UUID, ids: dict) -> Outcome:
@@ -206,7 +212,7 @@ async def _abandon(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -
 # ---------------------------------------------------------------- the run
 
 
-async def _advance(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> Outcome:
+async def _advance(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> Outcome | JobRow:
     if _past_deadline(deps, row):
         await _must(deps, storage.fail_slots, row.job_id, owner, None,
                     f"not finished within {deps.settings.job_max_seconds:g} s", refund=True)  # fmt: skip
@@ -231,8 +237,10 @@ async def _advance(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -
     return await _finish(deps, row, owner, ids)
 
 
-async def _paint(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, pending: Sequence[int], ids: dict) -> Outcome | None:
-    """Provider calls for the `pending` slots; an Outcome when the job stopped (cancelled)."""
+async def _paint(
+    deps: WorkerDeps, row: JobRow, owner: uuid.UUID, pending: Sequence[int], ids: dict
+) -> Outcome | JobRow | None:
+    """Provider calls for the `pending` slots; the final job when it stopped (cancelled)."""
     spec = deps.jobs.catalog.get(row.model)
     start = 0
     for count in images_per_call(spec, len(pending)):
@@ -242,7 +250,7 @@ async def _paint(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, pending: Seque
         start += count
         if latest is None or latest.status in storage.FINAL_STATUSES:
             log.info("job.stop_noticed", extra={**ids, "status": latest.status.value if latest else None})
-            return await _settle(deps, latest, ids) if latest else ack("UNKNOWN_JOB")
+            return latest if latest else ack("UNKNOWN_JOB")  # settled once out of the lease
         try:
             result = await _generate(deps, row, len(group), ids)
         except ProviderError as error:
@@ -344,7 +352,8 @@ async def _upload(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, slot: SlotRow
         await _must(deps, storage.mark_delivered, row.job_id, owner, slot.slot, key)
 
 
-async def _finish(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> Outcome:
+async def _finish(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> JobRow:
+    """The job made final (its lease released); the caller settles it outside the lease."""
     slots = await _read_slots(deps, row.job_id)
     delivered = [slot for slot in slots if slot.status is SlotStatus.DELIVERED]
     failed = [slot for slot in slots if slot.status is SlotStatus.FAILED]
@@ -357,7 +366,7 @@ async def _finish(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) ->
     JOBS_FINISHED.labels(status.value).inc()
     log.info("job.finished", extra={**ids, "status": status.value, "images_delivered": len(delivered),
                                     "credits_refunded": finished.credits_refunded, "error": error or None})  # fmt: skip
-    return await _settle(deps, finished, ids)
+    return finished
 
 
 async def _settle(deps: WorkerDeps, row: JobRow, ids: dict) -> Outcome:
