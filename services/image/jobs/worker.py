@@ -61,6 +61,8 @@ from shared.metrics import PROVIDER_RETRIES, ProviderKind, ProviderOutcome, obse
 
 log = logging.getLogger(__name__)
 
+# How many statement bounds a worker may wait for a pooled connection.
+POOL_WAIT_STEPS = 6
 _TRANSIENT = (DependencyUnavailable, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -390,7 +392,9 @@ def _past_deadline(deps: WorkerDeps, row: JobRow) -> bool:
 
 async def _write(deps: WorkerDeps, write: Any, *args: Any, **kwargs: Any) -> Any:
     step = deps.jobs.settings.step_seconds
-    async with deps.jobs.pool.acquire(timeout=step) as conn:
+    # A thousand jobs in flight queue for the pool: waiting there is not a fault (the lease
+    # is renewed on its own pool meanwhile), so the wait is bounded far above one statement.
+    async with deps.jobs.pool.acquire(timeout=step * POOL_WAIT_STEPS) as conn:
         return await write(conn, *args, timeout=step, **kwargs)
 
 
