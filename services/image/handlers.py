@@ -93,8 +93,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         self,
         objects: image_urls.SignedObjects,
         models: ProviderRouter,
-        jobs_deps: jobs.JobDeps,
-        changes: jobs.JobChanges,
+        jobs_deps: jobs.JobDeps | None,
+        changes: jobs.JobChanges | None,
     ) -> None:
         self._objects = objects
         self._models = models

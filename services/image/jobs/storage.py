@@ -16,6 +16,7 @@ import asyncpg
 
 from services.image.jobs.events import encode_job_queued, job_queued_msg_id
 from shared.streams import JOB_QUEUED_SUBJECT
+from shared.db import is_unavailable  # noqa: F401 - the use cases call storage.is_unavailable
 
 
 class JobStatus(enum.StrEnum):
@@ -49,19 +50,6 @@ OPEN_SLOT_STATUSES = frozenset({SlotStatus.PENDING, SlotStatus.GENERATED})
 _VISIBLE_SQL = "('PENDING', 'PROCESSING', 'UPLOADING', 'COMPLETED', 'FAILED', 'CANCELLED')"
 _RUNNING_SQL = "('PENDING', 'PROCESSING', 'UPLOADING')"
 
-_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.InterfaceError,
-)
-
-
-def is_unavailable(error: BaseException) -> bool:
-    # asyncpg's client-side DataError is an InterfaceError and a ValueError: our bug, not an outage.
-    return isinstance(error, _UNAVAILABLE_ERRORS) and not isinstance(error, ValueError)
 
 
 @dataclass(frozen=True)
