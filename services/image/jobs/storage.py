@@ -12,11 +12,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
+
 import asyncpg
 
 from services.image.jobs.events import encode_job_queued, job_queued_msg_id
-from shared.streams import JOB_QUEUED_SUBJECT
 from shared.db import is_unavailable  # noqa: F401 - the use cases call storage.is_unavailable
+from shared.streams import JOB_QUEUED_SUBJECT
 
 
 class JobStatus(enum.StrEnum):
