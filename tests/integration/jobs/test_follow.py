@@ -8,6 +8,7 @@ import uuid
 import grpc
 
 from casefile.image.v1 import image_service_pb2 as pb
+from shared.grpc_errors import details_of
 from tests.fakes.openai_images import GENERATIONS_PATH, FakeOpenAIImages
 
 from .helpers import FINAL, JobsStack, eventually, queue_drained
@@ -213,3 +214,24 @@ async def test_job_stats_per_user_and_per_project(openai_stack: JobsStack, opena
     assert both.total_jobs == 1 and both.success_rate == 1.0
     details = await openai_stack.refused("GetJobStats", pb.GetJobStatsRequest())
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_watchers_beyond_the_limit_are_told_to_come_back(serve, openai):
+    openai.delay_seconds = 2.0
+    async with serve(JOB_MAX_WATCHERS="1", OPENAI_API_KEY=openai.api_key, OPENAI_BASE_URL=openai.api_base_url) as stack:
+        created = await stack.create("u1", model="openai/dall-e-2", width=256, height=256)
+        request = pb.WatchGenerationJobRequest(job_id=created.job.job_id, user_id="u1")
+        first = stack.image.WatchGenerationJob(request, metadata=stack.as_gateway, timeout=30)
+        await first.read()  # the one watcher allowed is streaming
+        second = stack.image.WatchGenerationJob(request, metadata=stack.as_gateway, timeout=30)
+        try:
+            await second.read()
+            raise AssertionError("a second watcher beyond JOB_MAX_WATCHERS=1")
+        except grpc.aio.AioRpcError as error:
+            details = details_of(error)
+            assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.reason == "TOO_MANY_WATCHERS"
+            assert details.retry_after_seconds is not None
+        last = None
+        while (reply := await first.read()) is not grpc.aio.EOF:
+            last = reply.job.status
+        assert last == pb.JOB_STATUS_COMPLETED

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import uuid
 
+from casefile.credits.v1 import credits_service_pb2 as credits_pb
 from casefile.image.v1 import image_service_pb2 as pb
 from tests.fakes.http_server import ScriptedFault
 from tests.fakes.openai_images import GENERATIONS_PATH, FakeOpenAIImages, openai_error
 
 from .helpers import JobsStack, eventually
 
+ONE_GIB = 1073741824
 DALL_E_2 = {"model": "openai/dall-e-2", "width": 256, "height": 256}  # 200 per image
 DALL_E_3 = {"model": "openai/dall-e-3", "width": 1024, "height": 1024}  # 500 per image, one per call
 
@@ -168,3 +170,34 @@ async def _status(stack: JobsStack, job_id: str, status: str) -> bool:
 
 async def _deliveries(stack: JobsStack, job_id: str, at_least: int) -> bool:
     return await stack.db.fetchval("SELECT deliveries FROM image.jobs WHERE job_id = $1", uuid.UUID(job_id)) >= at_least
+
+
+async def test_the_storage_quota_reached_at_upload_fails_the_image_with_a_refund(stack: JobsStack):
+    # The quota is not used up when the job is created (one byte is left), but the image
+    # does not fit when it is stored.
+    await stack.credits.call("ReserveStorage", credits_pb.ReserveStorageRequest(
+        user_id="u-quota", bytes=ONE_GIB - 1, request_id="fill-almost"))  # fmt: skip
+    created = await stack.create("u-quota")
+    job = await stack.final(created.job.job_id, "u-quota")
+    await stack.settled(job.job_id)
+
+    assert job.status == pb.JOB_STATUS_FAILED and "storage" in job.error_message
+    assert job.credits_refunded == 100 and await stack.balance("u-quota") == 1000
+    assert (await stack.credits.account("u-quota")).storage_used_bytes == ONE_GIB - 1
+    listing = await stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix="users/u-quota/")
+    assert listing.get("KeyCount", 0) == 0
+
+
+async def test_a_job_past_its_deadline_fails_what_is_left_with_a_refund(serve):
+    async with serve(proxies=True, JOB_MAX_SECONDS="3") as stack:
+        await stack.extra["s3_proxy"].cut()  # the upload can never succeed
+        created = await stack.create("u-late", num_images=2)
+        job = await stack.final(created.job.job_id, "u-late", timeout=40)
+        assert job.status == pb.JOB_STATUS_FAILED and "not finished within 3 s" in job.error_message
+        assert job.credits_refunded == 200
+        # Settling gives back the storage reserved for the images that never went up (and
+        # removes any object that did), which waits for S3.
+        await stack.extra["s3_proxy"].restore()
+        await stack.settled(job.job_id, timeout=30)
+        assert await stack.balance("u-late") == 1000
+        assert (await stack.credits.account("u-late")).storage_used_bytes == 0
