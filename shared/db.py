@@ -33,6 +33,27 @@ class DatabaseUnreachable(ConfigError):
 _TRANSIENT_CONNECT_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError)
 
 
+# What a lost, refused or overloaded database raises: use cases report these as
+# "unavailable, try again" rather than as a bug. OSError covers a refused or reset TCP
+# connection, OperatorInterventionError a server shutting down or a cancelled statement,
+# InsufficientResourcesError "too many connections" or a full disk.
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.InterfaceError,
+)
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether `error` means the database is away (try again later), not a bug."""
+    # asyncpg's client-side DataError (a badly typed argument: our bug) is an InterfaceError
+    # too; it is also a ValueError, which no lost connection is.
+    return isinstance(error, _UNAVAILABLE_ERRORS) and not isinstance(error, ValueError)
+
+
 async def _keep_session_state(conn: asyncpg.Connection) -> None:
     """A pool reset that sends nothing (asyncpg still rolls back an open transaction)."""
 

@@ -9,7 +9,9 @@ own table (`OutboxTable`); the table needs these columns (see the story migratio
     created_at timestamptz, published_at timestamptz, claimed_until timestamptz,
     attempts integer, last_error text
 
-and a trigger that calls `pg_notify(<channel>, '')` after an insert.
+and a trigger that calls `pg_notify(<channel>, '')` after an insert. A table may also hold
+rows back: with `available_column` set, a row is relayed only once that column is NULL or
+past (the image service writes a job's message before charging and releases it after).
 
 Each round is three short steps, none holding a transaction or a row lock across the
 network: claim a batch (one UPDATE ... SKIP LOCKED that stamps `claimed_until`, so several
@@ -74,6 +76,8 @@ class OutboxTable:
     # Columns whose values go on each row's log lines, as log key -> column, e.g.
     # {"story_id": "story_id", "attempt": "portrait_attempt"}: what an operator greps for.
     log_columns: Mapping[str, str] = field(default_factory=dict)
+    # A timestamptz column: rows whose value is in the future wait (NULL: at once).
+    available_column: str | None = None
 
     def __post_init__(self) -> None:
         # All are spliced into SQL text, so they must be plain identifiers.
@@ -81,7 +85,7 @@ class OutboxTable:
             raise ValueError(f"outbox table must be schema.table in lowercase, got {self.table!r}")
         if not _CHANNEL_NAME.match(self.channel):
             raise ValueError(f"outbox channel must be a lowercase identifier, got {self.channel!r}")
-        for column in self.log_columns.values():
+        for column in (*self.log_columns.values(), *filter(None, [self.available_column])):
             if not _CHANNEL_NAME.match(column):
                 raise ValueError(f"outbox log column must be a lowercase identifier, got {column!r}")
 
@@ -299,7 +303,7 @@ class OutboxRelay:
                  WHERE o.outbox_id IN (
                        SELECT outbox_id FROM {table}
                         WHERE published_at IS NULL
-                          AND (claimed_until IS NULL OR claimed_until < now())
+                          AND (claimed_until IS NULL OR claimed_until < now()){self._available_condition()}
                         ORDER BY outbox_id
                         LIMIT $1
                         FOR UPDATE SKIP LOCKED)
@@ -312,6 +316,10 @@ class OutboxRelay:
         rows = [self._row(record) for record in records]
         rows.sort(key=lambda row: row.outbox_id)
         return rows
+
+    def _available_condition(self) -> str:
+        column = self._outbox.available_column
+        return f" AND ({column} IS NULL OR {column} <= now())" if column else ""
 
     def _log_select(self) -> str:
         return "".join(f", o.{column} AS log_{key}" for key, column in self._outbox.log_columns.items())

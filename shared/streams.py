@@ -41,3 +41,17 @@ PORTRAIT_DEAD_LETTERS = StreamSpec(
     max_age_seconds=WEEK_SECONDS,
     duplicate_window_seconds=DUPLICATE_WINDOW_SECONDS,
 )
+
+
+# Generation jobs: the image service queues each job through its outbox, and every image
+# process takes jobs from one durable consumer. `image.job.completed` announces a job at
+# its final status (published from the same outbox).
+JOB_QUEUED_SUBJECT = "image.job.queued"
+JOB_COMPLETED_SUBJECT = "image.job.completed"
+IMAGE_JOBS = StreamSpec(
+    name="IMAGE_JOBS",
+    subjects=(JOB_QUEUED_SUBJECT, JOB_COMPLETED_SUBJECT),
+    max_age_seconds=WEEK_SECONDS,
+    duplicate_window_seconds=DUPLICATE_WINDOW_SECONDS,
+)
+JOBS_DURABLE = "image-jobs"

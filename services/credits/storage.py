@@ -13,30 +13,14 @@ from typing import Any
 
 import asyncpg
 
-# What a lost, refused or overloaded database raises: the use cases report these as
-# "unavailable, try again" rather than as a bug. OSError covers a refused or reset TCP
-# connection, OperatorInterventionError a server shutting down or a cancelled statement,
-# InsufficientResourcesError "too many connections" or a full disk.
-_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.InterfaceError,
-)
+from shared.db import is_unavailable  # noqa: F401 - the use cases call storage.is_unavailable
+
 # A twin request committed between our read and our write (the unique key on the request
 # or its ledger entry said so), or PostgreSQL broke a lock cycle: run the use case again.
 RACE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.UniqueViolationError,
     asyncpg.exceptions.TransactionRollbackError,
 )
-
-
-def is_unavailable(error: BaseException) -> bool:
-    # asyncpg's client-side DataError (a badly typed argument: our bug) is an InterfaceError
-    # too; it is also a ValueError, which no lost connection is.
-    return isinstance(error, _UNAVAILABLE_ERRORS) and not isinstance(error, ValueError)
 
 
 _ACCOUNT_COLUMNS = "user_id, plan, balance, storage_used_bytes, created_at, updated_at"

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from services.image.cdn import UnusableKey, load_private_key
 from services.image.providers import PORTRAIT_PROVIDERS
 from shared.config import (
     TOKEN_HASH_PREFIX,
@@ -37,6 +38,10 @@ OWN_CALLER_NAME = "image"
 # Portraits wait on the network, not the CPU: a provider takes seconds per image.
 DEFAULT_PORTRAIT_CONCURRENCY = 16
 DEFAULT_MAX_ACK_PENDING = 1000
+DEFAULT_JOB_RETRY_BACKOFF = "2,4,8"
+# Jobs wait on providers too; a thousand in flight in one process cost memory, not CPU.
+DEFAULT_JOB_CONCURRENCY = 256
+DEFAULT_JOB_MAX_ACK_PENDING = 10_000
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,69 @@ class ProviderSettings:
 
 
 @dataclass(frozen=True)
+class CloudFrontSettings:
+    """Where GetImageUrl signs CloudFront URLs instead of presigned S3 ones."""
+
+    domain: str
+    key_pair_id: str
+    private_key_pem: Secret[str]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> CloudFrontSettings | None:
+        domain = _optional(env, "CLOUDFRONT_DOMAIN")
+        key_pair_id = _optional(env, "CLOUDFRONT_KEY_PAIR_ID")
+        private_key = env_secret(env, "CLOUDFRONT_PRIVATE_KEY")
+        given = [name for name, value in (("CLOUDFRONT_DOMAIN", domain), ("CLOUDFRONT_KEY_PAIR_ID", key_pair_id),
+                                          ("CLOUDFRONT_PRIVATE_KEY", private_key)) if value]  # fmt: skip
+        if not given:
+            return None
+        if len(given) < 3:
+            missing = sorted({"CLOUDFRONT_DOMAIN", "CLOUDFRONT_KEY_PAIR_ID", "CLOUDFRONT_PRIVATE_KEY"} - set(given))
+            raise ConfigError(missing[0], "is required when any CLOUDFRONT_* variable is set")
+        if "/" in domain or ":" in domain:  # type: ignore[operator]
+            raise ConfigError("CLOUDFRONT_DOMAIN", "must be a host name such as d111111abcdef8.cloudfront.net")
+        try:
+            load_private_key(private_key.reveal())  # type: ignore[union-attr]
+        except UnusableKey as error:
+            raise ConfigError("CLOUDFRONT_PRIVATE_KEY", str(error)) from None
+        return cls(domain, key_pair_id, private_key)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class JobSettingsFromEnv:
+    concurrency: int
+    max_ack_pending: int
+    ack_wait_seconds: float
+    intent_seconds: float
+    max_seconds: float
+    retry_backoff_seconds: tuple[float, ...]
+    max_watchers: int
+    watch_max_seconds: float
+    outbox_poll_interval_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> JobSettingsFromEnv:
+        concurrency = env_int(env, "JOB_CONCURRENCY", DEFAULT_JOB_CONCURRENCY, minimum=1)
+        max_ack_pending = env_int(env, "JOB_MAX_ACK_PENDING", DEFAULT_JOB_MAX_ACK_PENDING, minimum=1)
+        if max_ack_pending < concurrency:
+            raise ConfigError("JOB_MAX_ACK_PENDING", "must be at least JOB_CONCURRENCY (and far above it)")
+        backoff = _delays(env_str(env, "JOB_RETRY_BACKOFF_SECONDS", DEFAULT_JOB_RETRY_BACKOFF), "JOB_RETRY_BACKOFF_SECONDS")
+        return cls(
+            concurrency=concurrency,
+            max_ack_pending=max_ack_pending,
+            # A crashed process holds its jobs this long; live ones send heartbeats.
+            ack_wait_seconds=env_float(env, "JOB_ACK_WAIT_SECONDS", 15, minimum=1),
+            # Longer than any create can take (its calls are bounded well below it).
+            intent_seconds=env_float(env, "JOB_INTENT_SECONDS", 60, minimum=1),
+            max_seconds=env_float(env, "JOB_MAX_SECONDS", 900, minimum=1),
+            retry_backoff_seconds=backoff,
+            max_watchers=env_int(env, "JOB_MAX_WATCHERS", 1000, minimum=1),
+            watch_max_seconds=env_float(env, "JOB_WATCH_MAX_SECONDS", 900, minimum=0.1),
+            outbox_poll_interval_seconds=env_float(env, "OUTBOX_POLL_INTERVAL_SECONDS", 5.0, minimum=0.01),
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     listen_addr: str
     database_url: Secret[str]
@@ -126,6 +194,11 @@ class Config:
     portrait_provider_timeout_seconds: float
     portrait_step_timeout_seconds: float
     providers: ProviderSettings
+    credits_addr: str
+    jobs: JobSettingsFromEnv
+    # "AES256" (the default) for players' images; None where the store offers none.
+    s3_server_side_encryption: str | None
+    cloudfront: CloudFrontSettings | None
     # Where Prometheus metrics are served (METRICS_ADDR); None: no endpoint.
     metrics_addr: str | None = None
 
@@ -172,6 +245,10 @@ class Config:
             portrait_provider_timeout_seconds=env_float(env, "PORTRAIT_PROVIDER_TIMEOUT_SECONDS", 90, minimum=0.1),
             portrait_step_timeout_seconds=env_float(env, "PORTRAIT_STEP_TIMEOUT_SECONDS", 10, minimum=0.1),
             providers=ProviderSettings.from_env(env),
+            credits_addr=env_str(env, "CREDITS_ADDR", "127.0.0.1:50053"),
+            jobs=JobSettingsFromEnv.from_env(env),
+            s3_server_side_encryption=_encryption(env_str(env, "S3_SERVER_SIDE_ENCRYPTION", "AES256")),
+            cloudfront=CloudFrontSettings.from_env(env),
         )
 
 
@@ -212,9 +289,12 @@ def _own_token(own: Secret[str] | None, tokens: Secret) -> Secret:
 
 
 def _backoff_list(env: Mapping[str, str]) -> tuple[float, ...]:
-    name = "PORTRAIT_REDELIVERY_BACKOFF_SECONDS"
     # The name is spelled out in the call so that tools scanning config.py see it.
     raw = env_str(env, "PORTRAIT_REDELIVERY_BACKOFF_SECONDS", DEFAULT_REDELIVERY_BACKOFF)
+    return _delays(raw, "PORTRAIT_REDELIVERY_BACKOFF_SECONDS")
+
+
+def _delays(raw: str, name: str) -> tuple[float, ...]:
     try:
         delays = tuple(float(part) for part in raw.split(","))
     except ValueError:
@@ -222,3 +302,10 @@ def _backoff_list(env: Mapping[str, str]) -> tuple[float, ...]:
     if any(not delay > 0 or delay > 86_400 for delay in delays):
         raise ConfigError(name, "every delay must be above 0 and at most 86400 seconds")
     return delays
+
+
+def _encryption(raw: str) -> str | None:
+    choices = {"aes256": "AES256", "aws:kms": "aws:kms", "none": None, "": None}
+    if raw.strip().lower() not in choices:
+        raise ConfigError("S3_SERVER_SIDE_ENCRYPTION", "must be AES256, aws:kms or none")
+    return choices[raw.strip().lower()]

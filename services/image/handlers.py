@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from functools import wraps
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from casefile.image.v1 import image_service_pb2, image_service_pb2_grpc
+from casefile.image.v1 import image_service_pb2 as pb
+from casefile.image.v1 import image_service_pb2_grpc
 from services.image import image_urls
-from services.image.errors import DependencyUnavailable
 from services.image.catalog import EditOperation, Quality
+from services.image.errors import DependencyUnavailable
+from services.image.jobs import domain as jobs
+from services.image.jobs.domain import JobStatus
 from services.image.routing import ProviderRouter, ServedModel
 from shared.auth import allow, current_caller
 from shared.grpc_errors import ErrorTable
@@ -18,17 +25,27 @@ from shared.grpc_errors import ErrorTable
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "casefile.image.v1.ImageService"
+_CODE = grpc.StatusCode
 
 # The one place where domain errors become status codes and stable ErrorInfo reasons.
 ERRORS = ErrorTable(
     "image.casefile",
     {
-        image_urls.InvalidField: (grpc.StatusCode.INVALID_ARGUMENT, None),
-        image_urls.ImageNotFound: (grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND"),
-        DependencyUnavailable: (grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"),
+        image_urls.InvalidField: (_CODE.INVALID_ARGUMENT, None),
+        image_urls.ImageNotFound: (_CODE.NOT_FOUND, "IMAGE_NOT_FOUND"),
+        jobs.InvalidJobRequest: (_CODE.INVALID_ARGUMENT, None),
+        jobs.RequestIdReused: (_CODE.INVALID_ARGUMENT, "REQUEST_ID_REUSED"),
+        jobs.JobNotFound: (_CODE.NOT_FOUND, "JOB_NOT_FOUND"),
+        jobs.ImageNotFound: (_CODE.NOT_FOUND, "IMAGE_NOT_FOUND"),
+        jobs.JobAlreadyFinished: (_CODE.FAILED_PRECONDITION, "JOB_ALREADY_FINISHED"),
+        jobs.InsufficientCredits: (_CODE.FAILED_PRECONDITION, "INSUFFICIENT_CREDITS"),
+        jobs.StorageQuotaExceeded: (_CODE.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"),
+        jobs.ChargeRateLimited: (_CODE.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
+        jobs.TooManyWatchers: (_CODE.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS"),
+        DependencyUnavailable: (_CODE.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"),
     },
 )
-_REFUSALS = (image_urls.UrlError, DependencyUnavailable)
+_REFUSALS = (image_urls.UrlError, jobs.JobError, DependencyUnavailable)
 
 _PLAYER_FACING = ("gateway", "admin")
 # Who may call what, as in CONTRACT.md's "who may call" column.
@@ -47,86 +64,237 @@ ALLOWED_CALLERS = allow(
     },
 )
 
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
 
 async def _abort_with(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
     log.info("rpc.refused", extra={"method": method, "caller": current_caller(), "error": str(error)})
     await ERRORS.abort(context, error)
 
 
-async def _not_implemented(context: grpc.aio.ServicerContext, method: str) -> None:
-    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
+def _refusing_errors(method: Handler) -> Handler:
+    """Refusals leave as their table's status; anything else is logged and INTERNAL, never UNKNOWN."""
+
+    @wraps(method)
+    async def handle(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except _REFUSALS as error:
+            await _abort_with(context, method.__name__, error)
+        except Exception as error:
+            log.exception("rpc.handler_failed", extra={"method": method.__name__, "error": repr(error)})
+            await ERRORS.abort(context, error)
+
+    return handle  # type: ignore[return-value]
 
 
 class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
-    def __init__(self, objects: image_urls.SignedObjects, models: ProviderRouter | None = None) -> None:
+    def __init__(
+        self,
+        objects: image_urls.SignedObjects,
+        models: ProviderRouter,
+        jobs_deps: jobs.JobDeps | None,
+        changes: jobs.JobChanges | None,
+    ) -> None:
         self._objects = objects
         self._models = models
+        self._jobs = jobs_deps
+        self._changes = changes
 
+    @_refusing_errors
     async def GetImageUrl(self, request, context):
-        try:
-            signed = await image_urls.image_url(
-                self._objects,
-                storage_id=request.storage_id,
-                user_id=request.user_id,
-                expires_in_seconds=request.expires_in_seconds,
-            )
-        except _REFUSALS as error:
-            await _abort_with(context, "GetImageUrl", error)
-        expire_time = Timestamp()
-        expire_time.FromDatetime(signed.expire_time)
-        return image_service_pb2.GetImageUrlResponse(url=signed.url, expire_time=expire_time)
+        async def owns(user_id: str, storage_id: str) -> bool:
+            return await jobs.user_owns_image(self._jobs, user_id=user_id, storage_id=storage_id)
 
+        signed = await image_urls.image_url(
+            self._objects,
+            storage_id=request.storage_id,
+            user_id=request.user_id,
+            expires_in_seconds=request.expires_in_seconds,
+            owns=owns,
+        )
+        return pb.GetImageUrlResponse(url=signed.url, expire_time=_timestamp(signed.expire_time))
+
+    @_refusing_errors
     async def CreateGenerationJob(self, request, context):
-        await _not_implemented(context, "CreateGenerationJob")
+        created = await jobs.create_job(self._jobs, job_request_from_proto(request))
+        if created.replayed:
+            context.set_trailing_metadata((("idempotent-replayed", "true"),))
+        return pb.CreateGenerationJobResponse(
+            job=job_to_proto(created.job),
+            credits_used=created.job.row.credits_charged,
+            credits_remaining=created.credits_remaining,
+        )
 
+    @_refusing_errors
     async def GetGenerationJob(self, request, context):
-        await _not_implemented(context, "GetGenerationJob")
+        job = await jobs.get_job(self._jobs, job_id=request.job_id, user_id=request.user_id)
+        return pb.GetGenerationJobResponse(job=job_to_proto(job))
 
+    @_refusing_errors
     async def ListGenerationJobs(self, request, context):
-        await _not_implemented(context, "ListGenerationJobs")
+        page = await jobs.list_jobs(
+            self._jobs, user_id=request.user_id, status=_status_filter(request.status), page_size=request.page_size,
+            page_token=request.page_token,
+        )  # fmt: skip
+        return pb.ListGenerationJobsResponse(jobs=[job_to_proto(job) for job in page.jobs], next_page_token=page.next_page_token)
 
-    async def WatchGenerationJob(self, request, context):
-        await _not_implemented(context, "WatchGenerationJob")
+    async def WatchGenerationJob(self, request, context) -> AsyncIterator[pb.WatchGenerationJobResponse]:
+        try:
+            async for job in jobs.watch_job(self._jobs, self._changes, job_id=request.job_id, user_id=request.user_id):
+                yield pb.WatchGenerationJobResponse(job=job_to_proto(job))
+        except _REFUSALS as error:
+            await _abort_with(context, "WatchGenerationJob", error)
+        except Exception as error:
+            log.exception("rpc.handler_failed", extra={"method": "WatchGenerationJob", "error": repr(error)})
+            await ERRORS.abort(context, error)
 
+    @_refusing_errors
     async def CancelGenerationJob(self, request, context):
-        await _not_implemented(context, "CancelGenerationJob")
+        job = await jobs.cancel_job(self._jobs, job_id=request.job_id, user_id=request.user_id)
+        return pb.CancelGenerationJobResponse(job=job_to_proto(job))
 
+    @_refusing_errors
     async def ListModels(self, request, context):
-        if self._models is None:
-            await _not_implemented(context, "ListModels")
         served = self._models.served_models()
-        return image_service_pb2.ListModelsResponse(models=[model_proto(model) for model in served])
+        return pb.ListModelsResponse(models=[model_proto(model) for model in served])
 
+    @_refusing_errors
     async def DeleteImage(self, request, context):
-        await _not_implemented(context, "DeleteImage")
+        await jobs.delete_image(self._jobs, image_id=request.image_id, user_id=request.user_id)
+        return pb.DeleteImageResponse()
 
+    @_refusing_errors
     async def GetJobStats(self, request, context):
-        await _not_implemented(context, "GetJobStats")
+        stats = await jobs.job_stats(self._jobs, user_id=request.user_id, project_id=request.project_id)
+        return pb.GetJobStatsResponse(
+            counts=[pb.StatusCount(status=JOB_STATUS_PROTO[status], count=count) for status, count in stats.counts.items()],
+            total_jobs=stats.total,
+            success_rate=stats.success_rate,
+            credits_charged=stats.credits_charged,
+            credits_refunded=stats.credits_refunded,
+            average_processing_time_ms=stats.average_processing_time_ms,
+        )
+
+
+JOB_STATUS_PROTO = {
+    JobStatus.PENDING: pb.JOB_STATUS_PENDING,
+    JobStatus.PROCESSING: pb.JOB_STATUS_PROCESSING,
+    JobStatus.UPLOADING: pb.JOB_STATUS_UPLOADING,
+    JobStatus.COMPLETED: pb.JOB_STATUS_COMPLETED,
+    JobStatus.FAILED: pb.JOB_STATUS_FAILED,
+    JobStatus.CANCELLED: pb.JOB_STATUS_CANCELLED,
+}
+_STATUS_FROM_PROTO = {number: status for status, number in JOB_STATUS_PROTO.items()}
+_KIND_FROM_PROTO = {
+    pb.JOB_KIND_UNSPECIFIED: jobs.JobKind.GENERATE,
+    pb.JOB_KIND_GENERATE: jobs.JobKind.GENERATE,
+    pb.JOB_KIND_EDIT: jobs.JobKind.EDIT,
+}
+_KIND_PROTO = {jobs.JobKind.GENERATE: pb.JOB_KIND_GENERATE, jobs.JobKind.EDIT: pb.JOB_KIND_EDIT}
+
+
+def _status_filter(number: int) -> JobStatus | None:
+    if number == pb.JOB_STATUS_UNSPECIFIED:
+        return None
+    if number not in _STATUS_FROM_PROTO:
+        raise jobs.InvalidJobRequest([("status", f"unknown status {number}")])
+    return _STATUS_FROM_PROTO[number]
+
+
+def job_request_from_proto(request: pb.CreateGenerationJobRequest) -> jobs.JobRequest:
+    problems = []
+    if request.kind not in _KIND_FROM_PROTO:
+        problems.append(("kind", f"unknown kind {request.kind}"))
+    quality = None
+    if request.quality != pb.QUALITY_UNSPECIFIED:
+        quality = _QUALITY_FROM_PROTO.get(request.quality)
+        if quality is None:
+            problems.append(("quality", f"unknown quality {request.quality}"))
+    if problems:
+        raise jobs.InvalidJobRequest(problems)
+    return jobs.JobRequest(
+        user_id=request.user_id,
+        request_id=request.request_id,
+        prompt=request.prompt,
+        model=request.model,
+        width=request.width,
+        height=request.height,
+        num_images=request.num_images,
+        quality=quality,
+        kind=_KIND_FROM_PROTO[request.kind],
+        project_id=request.project_id,
+        parent_job_id=request.parent_job_id,
+        source_image_id=request.source_image_id,
+        edit_operation_given=request.edit_operation != pb.EDIT_OPERATION_UNSPECIFIED,
+        mask=request.mask,
+    )
+
+
+def job_to_proto(job: jobs.Job) -> pb.GenerationJob:
+    row = job.row
+    message = pb.GenerationJob(
+        job_id=str(row.job_id),
+        user_id=row.user_id,
+        prompt=row.prompt,
+        model=row.model,
+        width=row.width,
+        height=row.height,
+        num_images=row.num_images,
+        status=JOB_STATUS_PROTO[row.status],
+        images=[
+            pb.Image(image_id=image.image_id, storage_id=image.storage_id, content_type=image.content_type,
+                     size_bytes=image.size_bytes, width=image.width, height=image.height)  # fmt: skip
+            for image in job.images
+        ],
+        retry_count=row.retry_count,
+        error_message=row.error_message,
+        credits_charged=row.credits_charged,
+        credits_refunded=row.credits_refunded,
+        create_time=_timestamp(row.create_time),
+        update_time=_timestamp(row.update_time),
+        processing_time_ms=job.processing_time_ms,
+        kind=_KIND_PROTO.get(jobs.JobKind(row.kind), pb.JOB_KIND_GENERATE),
+        parent_job_id=str(row.parent_job_id) if row.parent_job_id else "",
+        project_id=row.project_id or "",
+        quality=QUALITY_PROTO.get(Quality(row.quality), pb.QUALITY_UNSPECIFIED) if row.quality else pb.QUALITY_UNSPECIFIED,
+        provider=row.provider or "",
+    )
+    if row.complete_time is not None:
+        message.complete_time.CopyFrom(_timestamp(row.complete_time))
+    return message
+
+
+def _timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
 
 
 QUALITY_PROTO = {
-    Quality.STANDARD: image_service_pb2.QUALITY_STANDARD,
-    Quality.HD: image_service_pb2.QUALITY_HD,
-    Quality.LOW: image_service_pb2.QUALITY_LOW,
-    Quality.MEDIUM: image_service_pb2.QUALITY_MEDIUM,
-    Quality.HIGH: image_service_pb2.QUALITY_HIGH,
+    Quality.STANDARD: pb.QUALITY_STANDARD,
+    Quality.HD: pb.QUALITY_HD,
+    Quality.LOW: pb.QUALITY_LOW,
+    Quality.MEDIUM: pb.QUALITY_MEDIUM,
+    Quality.HIGH: pb.QUALITY_HIGH,
 }
+_QUALITY_FROM_PROTO = {number: quality for quality, number in QUALITY_PROTO.items()}
 EDIT_OPERATION_PROTO = {
-    EditOperation.INPAINT: image_service_pb2.EDIT_OPERATION_INPAINT,
-    EditOperation.OUTPAINT: image_service_pb2.EDIT_OPERATION_OUTPAINT,
-    EditOperation.VARIATION: image_service_pb2.EDIT_OPERATION_VARIATION,
-    EditOperation.REMOVE_BACKGROUND: image_service_pb2.EDIT_OPERATION_REMOVE_BACKGROUND,
-    EditOperation.RESTYLE: image_service_pb2.EDIT_OPERATION_RESTYLE,
+    EditOperation.INPAINT: pb.EDIT_OPERATION_INPAINT,
+    EditOperation.OUTPAINT: pb.EDIT_OPERATION_OUTPAINT,
+    EditOperation.VARIATION: pb.EDIT_OPERATION_VARIATION,
+    EditOperation.REMOVE_BACKGROUND: pb.EDIT_OPERATION_REMOVE_BACKGROUND,
+    EditOperation.RESTYLE: pb.EDIT_OPERATION_RESTYLE,
 }
 
 
-def model_proto(served: ServedModel) -> image_service_pb2.Model:
+def model_proto(served: ServedModel) -> pb.Model:
     spec = served.spec
-    return image_service_pb2.Model(
+    return pb.Model(
         id=spec.id,
         provider=str(served.provider),
         credits_per_image=spec.units_per_image,
-        sizes=[image_service_pb2.ImageSize(width=width, height=height) for width, height in spec.sizes],
+        sizes=[pb.ImageSize(width=width, height=height) for width, height in spec.sizes],
         min_side=spec.min_side,
         max_side=spec.max_side,
         supports_edit=spec.supports_edit,
@@ -135,10 +303,10 @@ def model_proto(served: ServedModel) -> image_service_pb2.Model:
         # Listed in the enum's order, so the answer is the same on every call.
         edit_operations=sorted(EDIT_OPERATION_PROTO[operation] for operation in spec.edit_operations),
         quality_prices=[
-            image_service_pb2.QualityPrice(quality=QUALITY_PROTO[quality], credits_per_image=units)
+            pb.QualityPrice(quality=QUALITY_PROTO[quality], credits_per_image=units)
             for quality, units in spec.quality_units.items()
         ],
-        default_quality=QUALITY_PROTO.get(spec.default_quality, image_service_pb2.QUALITY_UNSPECIFIED),
+        default_quality=QUALITY_PROTO.get(spec.default_quality, pb.QUALITY_UNSPECIFIED),
         max_prompt_chars=spec.max_prompt_chars,
         providers=[str(provider) for provider in served.providers],
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -48,9 +48,12 @@ async def image_url(
     storage_id: str,
     user_id: str,
     expires_in_seconds: int,
+    owns: Callable[[str, str], Awaitable[bool]] | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> SignedUrl:
-    """A URL a client can open until expire_time; ImageNotFound unless the object exists."""
+    """A URL a client can open until expire_time: for a story portrait (user_id empty)
+    when the object exists; for a player's image when `owns(user_id, storage_id)` says it
+    is one of theirs, delivered and not deleted. ImageNotFound otherwise."""
     problem = id_problem(storage_id, max_chars=MAX_STORAGE_ID_CHARS)
     if problem is not None:
         raise InvalidField("storage_id", problem)
@@ -59,9 +62,9 @@ async def image_url(
         raise InvalidField("user_id", problem)
     lifetime = _url_lifetime(expires_in_seconds)
     if user_id:
-        # Generated images and their owners are not stored yet, so no user owns any.
-        raise ImageNotFound("no such image for this user")
-    if not storage_id.startswith(PORTRAIT_PREFIX) or not await objects.exists(storage_id):
+        if owns is None or not await owns(user_id, storage_id):
+            raise ImageNotFound("no such image for this user")
+    elif not storage_id.startswith(PORTRAIT_PREFIX) or not await objects.exists(storage_id):
         raise ImageNotFound("no such portrait")
     expire_time = now() + timedelta(seconds=lifetime)
     return SignedUrl(await objects.presigned_get_url(storage_id, lifetime), expire_time)

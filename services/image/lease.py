@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from services.image.errors import LeaseLost
 
@@ -86,3 +87,43 @@ async def _renew_once(renew: Callable[[], Awaitable[bool]], timing: LeaseTiming,
     except Exception as error:
         log.warning("lease.renew_failed", extra={**fields, "error": repr(error)})
         return None
+
+
+class BatchedRenewals:
+    """Renews many leases with one statement per round instead of one per lease.
+
+    Each lease's keeper calls `renew(key)` as usual (see lease_kept); calls that arrive
+    within `window` seconds of each other are sent together to `renew_many(keys)`, which
+    answers the keys still held. A thousand jobs in flight in one process then cost a
+    few statements per renewal interval, and a renewal never waits in the pool's queue
+    behind a thousand jobs' own statements (which would make leases look lost).
+    """
+
+    def __init__(self, renew_many: Callable[[list[Any]], Awaitable[set[Any]]], *, window: float = 0.2) -> None:
+        self._renew_many = renew_many
+        self._window = window
+        self._waiting: dict[Any, asyncio.Future[bool]] = {}
+        self._flush: asyncio.Task[None] | None = None
+
+    async def renew(self, key: Any) -> bool:
+        future = self._waiting.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[key] = future
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.create_task(self._send_after_window(), name="lease-batch")
+        return await asyncio.shield(future)
+
+    async def _send_after_window(self) -> None:
+        await asyncio.sleep(self._window)
+        batch, self._waiting = self._waiting, {}
+        try:
+            held = await self._renew_many(list(batch))
+        except Exception as error:  # noqa: BLE001 - every keeper sees a failed renewal and retries
+            for future in batch.values():
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for key, future in batch.items():
+            if not future.done():
+                future.set_result(key in held)

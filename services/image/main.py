@@ -11,10 +11,17 @@ import asyncpg
 import grpc
 import httpx
 
+from casefile.credits.v1 import credits_service_pb2_grpc
 from casefile.image.v1 import image_service_pb2
 from casefile.story.v1 import story_service_pb2_grpc
+from services.image.cdn import CdnSignedObjects, CloudFrontUrls, load_private_key
 from services.image.config import Config
 from services.image.handlers import ALLOWED_CALLERS, SERVICE_NAME, ImageServicer
+from services.image.image_urls import SignedObjects
+from services.image.jobs.credits_client import CreditsClient
+from services.image.jobs.domain import JobDeps, JobSettings
+from services.image.jobs.messaging import JobConsumerSettings, job_consumer, job_outbox_relay
+from services.image.jobs.worker import WorkerDeps, WorkerSettings, batched_renewals, run_job
 from services.image.lease import LeaseTiming
 from services.image.objects import ObjectStore, s3_client_config
 from services.image.portraits.domain import (
@@ -29,15 +36,24 @@ from services.image.portraits.story_client import StoryClient
 from services.image.providers import build_generation_providers, build_portrait_provider
 from services.image.routing import BreakerSettings, ProviderRouter
 from shared.auth import AuthInterceptor
+from shared.background import start_supervised
+from shared.change_feed import ChangeFeed
 from shared.db import close_pool, create_pool
 from shared.grpc_server import RunningServer, ServiceSpec, add_strictly_decoded, serve_main, start_grpc_server
 from shared.migrations import apply_migrations
+from shared.outbox import RelaySettings
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-# Connections beyond the painting slots serve lease renewals and the dead-letter consumer.
+# Connections beyond the painting slots: the jobs (each holds one only for a statement),
+# lease renewals and the dead-letter consumer.
+JOB_POOL_CONNECTIONS = 16
 EXTRA_POOL_CONNECTIONS = 4
+# What the trigger of migration 0003 NOTIFYs on every change of a job.
+JOB_CHANGES_CHANNEL = "image_job_changes"
+# Every provider call of a job (at most 10), its statements and S3 and credits calls.
+JOB_STEPS_PER_DELIVERY = 60
 # A lease outlives the consumer's ack wait by this much: a redelivery after a crash finds
 # it lapsed, or lapsing within this margin.
 LEASE_MARGIN_SECONDS = 2.0
@@ -49,7 +65,11 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     objects = await _open_object_store(config, stack)
     # One HTTP client for the process, so provider calls and downloads reuse connections;
     # redirects stay off because the downloader checks every hop itself.
-    http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
+    # Every job and portrait in flight may be waiting on a provider at once: httpx's default
+    # of 100 connections would queue the rest behind them.
+    limits = httpx.Limits(max_connections=config.jobs.concurrency + config.portrait_concurrency,
+                          max_keepalive_connections=100)  # fmt: skip
+    http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False, limits=limits))
     timeouts = PortraitTimeouts(
         provider_seconds=config.portrait_provider_timeout_seconds,
         step_seconds=config.portrait_step_timeout_seconds,
@@ -70,7 +90,18 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         provider_budget_seconds=config.portrait_attempt_budget_seconds,
     )
     _start_consumers(config, deps, stack)
-    servicer = ImageServicer(objects, models=provider_router(config, http))
+    router = provider_router(config, http)
+    jobs_deps = await _start_jobs(config, pool, objects, router, stack)
+    changes = ChangeFeed(
+        config.database_url,
+        channel=JOB_CHANGES_CHANNEL,
+        max_watchers=config.jobs.max_watchers,
+        application_name="casefile-image-watch",
+        name="job",
+    )
+    changes.start()
+    stack.push_async_callback(changes.stop)
+    servicer = ImageServicer(_url_signer(config, objects), router, jobs_deps, changes)
     server = await start_grpc_server(
         listen_addr=config.listen_addr,
         services=[
@@ -84,9 +115,94 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         interceptors=[AuthInterceptor(config.auth_tokens.reveal(), ALLOWED_CALLERS)],
         metrics_addr=config.metrics_addr,
     )
+    server.on_stop.append(changes.end_watches)
     # Stopping twice is harmless; this covers callers (tests) that only close the stack.
     stack.push_async_callback(server.stop, 0)
     return server
+
+
+async def _start_jobs(
+    config: Config, pool: asyncpg.Pool, objects: ObjectStore, router: ProviderRouter, stack: contextlib.AsyncExitStack
+) -> JobDeps:
+    """The jobs' outbox relay and consumer; the dependencies the RPCs share with them."""
+    settings = config.jobs
+    relay = job_outbox_relay(
+        pool,
+        config.database_url,
+        config.nats,
+        settings=RelaySettings(poll_interval_seconds=min(settings.outbox_poll_interval_seconds, settings.intent_seconds)),
+        stream_replicas=config.nats_stream_replicas,
+    )
+    stack.push_async_callback(relay.close)  # runs after the relay task is cancelled
+    stack.callback(relay.backlog_metrics().close)
+    await start_supervised(stack, relay.run, "job-outbox-relay")
+    step = config.portrait_step_timeout_seconds
+    deps = JobDeps(
+        pool=pool,
+        credits=_open_credits_client(config, stack),
+        models=router,
+        objects=objects,
+        settings=JobSettings(intent_seconds=settings.intent_seconds, step_seconds=step,
+                             watch_max_seconds=settings.watch_max_seconds),  # fmt: skip
+        on_queued=relay.kick,
+    )
+    lease = LeaseTiming(seconds=settings.ack_wait_seconds + LEASE_MARGIN_SECONDS)
+    worker = WorkerDeps(
+        jobs=deps,
+        provider=router,
+        lease=lease,
+        renewals=batched_renewals(await _open_lease_pool(config, stack), lease, step),
+        settings=WorkerSettings(
+            retry_backoff_seconds=settings.retry_backoff_seconds,
+            provider_seconds=config.providers.request_timeout_seconds,
+            job_max_seconds=settings.max_seconds,
+        ),
+    )
+
+    async def run(job_id):
+        return await run_job(worker, job_id)
+
+    consumer = job_consumer(
+        JobConsumerSettings(
+            nats=config.nats,
+            concurrency=settings.concurrency,
+            max_ack_pending=settings.max_ack_pending,
+            ack_wait_seconds=settings.ack_wait_seconds,
+            max_work_seconds=10 * config.providers.request_timeout_seconds + JOB_STEPS_PER_DELIVERY * step,
+            stream_replicas=config.nats_stream_replicas,
+            shutdown_grace_seconds=config.portrait_shutdown_grace_seconds,
+        ),
+        run,
+    )
+    consumer.start()
+    stack.push_async_callback(consumer.stop)
+    stack.callback(consumer.metrics().close)
+    return deps
+
+
+async def _open_lease_pool(config: Config, stack: contextlib.AsyncExitStack) -> asyncpg.Pool:
+    pool = await create_pool(
+        config.database_url, min_size=1, max_size=2, application_name="casefile-image-leases",
+        connect_timeout=config.database_connect_timeout_seconds, reset_session_state=False,
+    )  # fmt: skip
+    stack.push_async_callback(close_pool, pool)
+    return pool
+
+
+def _open_credits_client(config: Config, stack: contextlib.AsyncExitStack) -> CreditsClient:
+    channel = grpc.aio.insecure_channel(config.credits_addr)
+    stack.push_async_callback(channel.close)
+    stub = credits_service_pb2_grpc.CreditsServiceStub(channel)
+    return CreditsClient(stub, config.outgoing_token.reveal(), timeout=config.portrait_step_timeout_seconds)
+
+
+def _url_signer(config: Config, objects: ObjectStore) -> SignedObjects:
+    cdn = config.cloudfront
+    if cdn is None:
+        return objects
+    urls = CloudFrontUrls(cdn.domain, cdn.key_pair_id, load_private_key(cdn.private_key_pem.reveal()))
+    log.info("cdn.signing_configured", extra={"domain": cdn.domain, "key_pair_id": cdn.key_pair_id})
+    return CdnSignedObjects(objects, urls)
 
 
 def provider_router(config: Config, http: httpx.AsyncClient | None = None) -> ProviderRouter:
@@ -101,9 +217,12 @@ async def _open_database(config: Config, stack: contextlib.AsyncExitStack) -> as
     pool = await create_pool(
         config.database_url,
         min_size=1,
-        max_size=config.portrait_concurrency + EXTRA_POOL_CONNECTIONS,
+        max_size=config.portrait_concurrency + JOB_POOL_CONNECTIONS + EXTRA_POOL_CONNECTIONS,
         application_name="casefile-image",
         connect_timeout=config.database_connect_timeout_seconds,
+        # Pool connections never SET, LISTEN or keep advisory locks (the listeners have their
+        # own; migrations unlock theirs): no reset round trip on every release.
+        reset_session_state=False,
     )
     stack.push_async_callback(close_pool, pool)
     async with pool.acquire() as conn:
@@ -124,6 +243,7 @@ async def _open_object_store(config: Config, stack: contextlib.AsyncExitStack) -
         region=config.s3_region,
         presign_client=presign_client,
         timeout_seconds=config.portrait_step_timeout_seconds,
+        server_side_encryption=config.s3_server_side_encryption,
     )
     if not await objects.try_ensure_bucket():
         log.warning("s3.start_check_failed", extra={"bucket": config.s3_bucket})

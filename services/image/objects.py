@@ -60,6 +60,7 @@ class ObjectStore:
         region: str,
         presign_client: Any = None,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        server_side_encryption: str | None = None,
     ) -> None:
         self._client = client
         self.timeout_seconds = timeout_seconds
@@ -68,6 +69,8 @@ class ObjectStore:
         self._region = region
         self._bucket_ready = False
         self._bucket_lock = asyncio.Lock()
+        # Asked of S3 for the objects put with `encrypted=True` (players' images): "AES256".
+        self._server_side_encryption = server_side_encryption
 
     async def ensure_bucket(self) -> None:
         """Creates the bucket when missing; raises Unavailable when S3 cannot be reached."""
@@ -95,19 +98,21 @@ class ObjectStore:
             return False
         return True
 
-    async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
+    async def put_new(self, key: str, data: bytes, content_type: str, *, encrypted: bool = False) -> bool:
         """Stores the object unless the key exists; False when it was there already.
 
         Keys are never overwritten: the check comes first, and the PUT itself carries
-        If-None-Match: * for servers that honour it (AWS, MinIO).
+        If-None-Match: * for servers that honour it (AWS, MinIO). `encrypted` asks S3 for
+        the store's server-side encryption.
         """
         await self.ensure_bucket()
         if await self.exists(key):
             return False
+        extra = self._encryption(encrypted)
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 await self._client.put_object(
-                    Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*"
+                    Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*", **extra
                 )
         except botocore.exceptions.ClientError as error:
             if _error_code(error) in _PRECONDITION_FAILED_CODES:
@@ -128,6 +133,33 @@ class ObjectStore:
         except _S3_FAILURES as error:
             raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
         return True
+
+    async def put(self, key: str, data: bytes, content_type: str, *, encrypted: bool = False) -> None:
+        """Stores the object under `key`, replacing what is there: for callers whose key
+        always gets the same bytes, so a repeat changes nothing and needs no check first."""
+        await self.ensure_bucket()
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                await self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, **self._encryption(encrypted)
+                )
+        except _S3_FAILURES as error:
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
+
+    def _encryption(self, encrypted: bool) -> dict[str, str]:
+        return {"ServerSideEncryption": self._server_side_encryption} if encrypted and self._server_side_encryption else {}
+
+    async def delete(self, key: str) -> None:
+        """Removes the object; a key that is not there is already what was asked."""
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                await self._client.delete_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as error:
+            if _error_code(error) in _MISSING_CODES:
+                return
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
+        except _S3_FAILURES as error:
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
 
     async def presigned_get_url(self, key: str, expires_in: int) -> str:
         # Signing is local computation; no request reaches S3 here.

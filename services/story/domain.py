@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from services.story import storage
-from services.story.change_feed import WatcherLimitReached
+from shared.change_feed import WatcherLimitReached
 from services.story import model
 from services.story.difficulty import story_typing_difficulty
 from services.story.model import (
@@ -507,7 +507,7 @@ async def retry_portrait(pool: asyncpg.Pool, *, story_id: str, on_committed: Cal
 
 
 class StoryChanges(Protocol):
-    """Tells a watcher that a story changed (services/story/change_feed.py)."""
+    """Tells a watcher that a story changed (shared/change_feed.py)."""
 
     def watch(self, story_id: str) -> contextlib.AbstractAsyncContextManager[Any]: ...
 

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 
 from casefile.story.v1 import story_service_pb2
-from services.story.change_feed import StoryChangeFeed
 from services.story.config import Config
 from services.story.domain import WatchLimits
 from services.story.handlers import ALLOWED_CALLERS, SERVICE_NAME, StoryServicer
 from services.story.messaging import fill_missing_payloads, story_outbox_relay
 from services.story.writers import build_writer
 from shared.auth import AuthInterceptor
+from shared.background import start_supervised
+from shared.change_feed import ChangeFeed
 from shared.db import close_pool, create_pool
 from shared.grpc_server import RunningServer, ServiceSpec, add_strictly_decoded, serve_main, start_grpc_server
 from shared.migrations import apply_migrations
@@ -26,7 +25,8 @@ from shared.outbox import RelaySettings
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-BACKGROUND_STOP_SECONDS = 5.0
+# What the trigger of migration 0002 NOTIFYs on every change of a story.
+STORY_CHANGES_CHANNEL = "story_changes"
 
 
 async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServer:
@@ -59,10 +59,14 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     )
     stack.push_async_callback(relay.close)  # runs after the relay task is cancelled
     stack.callback(relay.backlog_metrics().close)
-    await _start_background(stack, relay.run, "outbox-relay")
+    await start_supervised(stack, relay.run, "outbox-relay")
 
-    changes = StoryChangeFeed(
-        config.database_url, max_watchers=config.max_watchers, application_name="casefile-story-watch"
+    changes = ChangeFeed(
+        config.database_url,
+        channel=STORY_CHANGES_CHANNEL,
+        max_watchers=config.max_watchers,
+        application_name="casefile-story-watch",
+        name="story",
     )
     changes.start()
     stack.push_async_callback(changes.stop)
@@ -100,30 +104,6 @@ def _writer_settings(config: Config) -> dict[str, str | None]:
         "openai": (config.openai_api_key, config.openai_base_url, config.openai_story_model),
     }.get(config.writer, (None, None, None))
     return {"api_key": key.reveal() if key else None, "base_url": base_url, "model": model}
-
-
-async def _start_background(stack: contextlib.AsyncExitStack, work: Callable[[], Awaitable[None]], name: str) -> None:
-    """Runs `work` until shutdown, restarting it after a crash: a relay that died quietly
-    would leave every later portrait waiting."""
-
-    async def supervise() -> None:
-        while True:
-            try:
-                await work()
-            except Exception as error:  # noqa: BLE001 - logged, then restarted
-                log.error("background.crashed", extra={"task": name, "error": repr(error)})
-            await asyncio.sleep(1.0)
-
-    task = asyncio.create_task(supervise(), name=name)
-
-    async def cancel() -> None:
-        task.cancel()
-        # Bounded: a library that swallows the cancellation must not hang shutdown.
-        done, _ = await asyncio.wait({task}, timeout=BACKGROUND_STOP_SECONDS)
-        if not done:
-            log.error("background.stop_timed_out", extra={"task": name})
-
-    stack.push_async_callback(cancel)
 
 
 def main() -> None:

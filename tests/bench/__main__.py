@@ -14,12 +14,18 @@ import platform
 import sys
 import time
 
-from tests.bench import credits_bench, downloads_bench, outbox_bench, story_bench
+from tests.bench import credits_bench, downloads_bench, jobs_bench, outbox_bench, provider_bench, story_bench
 from tests.bench.report import Figure, table, write_json
 from tools.infra import REPO_ROOT
 
-PARTS = {"story": story_bench, "credits": credits_bench, "outbox": outbox_bench,
-         "downloads": downloads_bench}
+PARTS = {
+    "story": story_bench,
+    "credits": credits_bench,
+    "outbox": outbox_bench,
+    "downloads": downloads_bench,
+    "jobs": jobs_bench,
+    "providers": provider_bench,
+}
 RESULTS_DIR = REPO_ROOT / ".run" / "bench"
 
 

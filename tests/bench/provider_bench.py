@@ -1,13 +1,16 @@
-"""The provider clients' CPU per image: request, answer parsing, base64 decode, validation.
+"""The provider clients' CPU per image: request, answer parsing, base64 decode, validation,
+and with the upload to S3 a job makes, against the raw S3 put of the same bytes.
 
-Run: `.venv/bin/python -m tests.bench.provider_bench` (PYTHONPATH=.:gen, as `make` sets it),
-options `--images 30 --rounds 3 --size 1024`.
+The `providers` part of `make bench` (`--only providers`); standalone, with the whole JSON
+report: `.venv/bin/python -m tests.bench.provider_bench --images 30 --rounds 3`.
 
 Every fake provider runs in a child process and answers at once, so what this process
 spends is the client's own work. The baseline, measured in the same rounds, is a plain
 HTTP GET of the same PNG bytes from the same child (no JSON, no base64, no validation):
 each client's figure is reported in CPU milliseconds per image and as a ratio to that
-baseline. The images are the `local` renderer's pictures (gradients, noise, a figure), not
+baseline. The S3 figures put each client's image to moto through the image service's own
+ObjectStore (existence check, server-side encryption) and compare the CPU of generate + put
+with a raw aiobotocore put_object of the same bytes. The images are the `local` renderer's pictures (gradients, noise, a figure), not
 flat colour, so decoding and verifying them costs what a real picture costs.
 """
 
@@ -23,6 +26,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import itertools
+import tempfile
+from pathlib import Path
+
 import httpx
 from aiohttp import web
 
@@ -36,6 +43,8 @@ from services.image.providers import (
     StabilityClient,
 )
 from services.image.providers.download import image_from_bytes
+from tests.bench.report import Figure, ratio_figure
+from tools.infra import MotoS3Server
 
 KEY = "bench-key"
 
@@ -131,17 +140,95 @@ async def _cpu_per_image(call: Callable[[], Awaitable], images: int) -> tuple[fl
     return ((time.process_time() - cpu) * 1000 / images, (time.perf_counter() - wall) * 1000 / images)
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("providers")
+    group.add_argument("--provider-images", type=int, default=8, help="images per client per round")
+
+
+async def run(args: argparse.Namespace) -> list[Figure]:
+    """The figures of `make bench`: each client's CPU per image against a raw GET, and with
+    its upload against a raw S3 put of the same bytes."""
+    options = argparse.Namespace(images=args.provider_images, rounds=args.rounds, size=1024)
+    work = Path(tempfile.mkdtemp(prefix="casefile-bench-providers-"))
+    moto = MotoS3Server(work / "moto.log").start()
+    try:
+        report = await _report(options, s3_endpoint=moto.endpoint_url)
+    finally:
+        moto.stop()
+    figures = []
+    raw_get = report["clients"]["baseline: raw GET of the bytes"]["cpu_ms_per_image"]
+    raw_put = report["s3"]["baseline: raw S3 put of the bytes"]["cpu_ms_per_image"]
+    for name, client in report["clients"].items():
+        if name.startswith("baseline"):
+            continue
+        figures.append(ratio_figure(f"providers.cpu_per_image[{name}]", client["cpu_ms_per_image"], raw_get, "cpu ms",
+                                    baseline_is="raw HTTP GET of the same PNG", image=report["image"]))  # fmt: skip
+    for name, client in report["s3"].items():
+        if name.startswith("baseline"):
+            continue
+        figures.append(ratio_figure(f"providers.cpu_per_image_with_upload[{name}]", client["cpu_ms_per_image"], raw_put,
+                                    "cpu ms", baseline_is="raw aiobotocore put_object of the same bytes to moto",
+                                    image=report["image"]))  # fmt: skip
+    return figures
+
+
+async def _report(args: argparse.Namespace, s3_endpoint: str | None = None) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
     process = context.Process(target=_serve_fakes, args=(child, args.size), daemon=True)
     process.start()
     try:
         urls = parent.recv()
-        return await _measure(urls, args)
+        report = await _measure(urls, args)
+        if s3_endpoint is not None:
+            report["s3"] = await _measure_with_upload(urls, args, s3_endpoint)
+        return report
     finally:
         parent.send("stop")
         process.join(timeout=10)
+
+
+async def _measure_with_upload(urls: dict[str, str], args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
+    """CPU per image of generate + ObjectStore.put_new, and of a raw put of the same bytes."""
+    import aiobotocore.session
+
+    from services.image.objects import ObjectStore, s3_client_config
+
+    request = GenerationRequest("google/gemini-2.5-flash-image", "bench", args.size, args.size)
+    keys = itertools.count()
+    samples: dict[str, list[tuple[float, float]]] = {}
+    session = aiobotocore.session.get_session()
+    credentials = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench", "region_name": "us-east-1"}
+    async with httpx.AsyncClient(follow_redirects=False, timeout=60) as http, session.create_client(
+        "s3", endpoint_url=endpoint, config=s3_client_config(custom_endpoint=True), **credentials
+    ) as s3:  # fmt: skip
+        store = ObjectStore(s3, "bench", region="us-east-1", server_side_encryption="AES256")
+        await store.ensure_bucket()
+        png = _realistic_png(args.size, args.size)
+
+        async def raw_put() -> None:
+            await s3.put_object(Bucket="bench", Key=f"raw/{next(keys)}.png", Body=png, ContentType="image/png")
+
+        def with_upload(generate):
+            async def call() -> None:
+                result = await generate(request)
+                await store.put_new(f"jobs/{next(keys)}.png", result.images[0].data, "image/png", encrypted=True)
+
+            return call
+
+        clients = _clients(urls, http)
+        for _ in range(args.rounds):
+            samples.setdefault("baseline: raw S3 put of the bytes", []).append(await _cpu_per_image(raw_put, args.images))
+            for name, generate in clients.items():
+                samples.setdefault(name, []).append(await _cpu_per_image(with_upload(generate), args.images))
+    baseline = statistics.median(cpu for cpu, _ in samples["baseline: raw S3 put of the bytes"])
+    return {
+        name: {
+            "cpu_ms_per_image": round(statistics.median(cpu for cpu, _ in runs), 3),
+            "cpu_ratio_to_raw_put": round(statistics.median(cpu for cpu, _ in runs) / baseline, 2),
+        }
+        for name, runs in samples.items()
+    }
 
 
 async def _measure(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
@@ -190,7 +277,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30, help="images per client per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=1024, choices=(1024,), help="square size (every fake serves it)")
-    print(json.dumps(asyncio.run(run(parser.parse_args())), indent=2))
+    print(json.dumps(asyncio.run(_report(parser.parse_args())), indent=2))
 
 
 if __name__ == "__main__":

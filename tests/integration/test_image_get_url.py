@@ -177,7 +177,7 @@ async def test_callers_outside_the_table_are_refused(image, s3, s3_bucket):
     assert no_token.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_methods_not_built_yet_answer_unimplemented(image):
+async def test_job_methods_refuse_an_empty_request_naming_its_fields(image):
     unary = await refused(
         image.CreateGenerationJob(image_service_pb2.CreateGenerationJobRequest(user_id="u1"), metadata=GATEWAY)
     )
@@ -185,9 +185,9 @@ async def test_methods_not_built_yet_answer_unimplemented(image):
         _drain(image.WatchGenerationJob(image_service_pb2.WatchGenerationJobRequest(job_id="j"), metadata=GATEWAY))
     )
 
-    assert unary.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert unary.details() == "CreateGenerationJob is not implemented yet"
-    assert stream.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert unary.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert {"request_id", "prompt", "model", "num_images"} <= set(details_of(unary).fields)
+    assert stream.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def _drain(stream) -> list:

@@ -34,7 +34,8 @@ async def start_image():
 
         async def start(env: dict[str, str]) -> image_service_pb2_grpc.ImageServiceStub:
             config = Config.from_env(env)
-            servicer = ImageServicer(objects=None, models=provider_router(config))
+            # ListModels reads the router only: no database, S3 or job pipeline behind it.
+            servicer = ImageServicer(objects=None, models=provider_router(config), jobs_deps=None, changes=None)
             server = await start_grpc_server(
                 listen_addr="127.0.0.1:0",
                 services=[

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import ipaddress
 import logging
 import socket
@@ -12,28 +11,15 @@ import zlib
 from collections.abc import AsyncIterator
 
 import httpx
-from PIL import Image
 
 from services.image.providers.base import GeneratedImage, ProviderError
+# Re-exported: the downloader's check is the one every image passes.
+from services.image.providers.pictures import MAX_PIXELS, image_from_bytes  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-# A few MB of PNG can declare a huge canvas; we never decode it, but whoever shows the
-# stored portrait would. Providers produce at most 4096x4096.
-MAX_PIXELS = 4096 * 4096
-
-# Magic numbers are checked before Pillow sees the bytes, so only these four formats are
-# ever parsed, whatever plugins Pillow happens to have.
-_MAGIC_TO_FORMAT = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-)
-_CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
-
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Every download connection is closed after its one response: a pooled connection pinned to
 # an address could otherwise serve a later request for another host name at that address,
@@ -179,24 +165,6 @@ def _decoder_for(content_encoding: str) -> _Identity | _Inflate:
     raise ProviderError(f"image download: unsupported content-encoding {encoding[:40]!r}", transient=False)
 
 
-def image_from_bytes(data: bytes) -> GeneratedImage:
-    """Checks that the bytes are a PNG, JPEG, WEBP or GIF and reads its size."""
-    expected_format = _format_from_magic(data)
-    if expected_format is None:
-        raise ProviderError("downloaded file is not an image", transient=False)
-    try:
-        with Image.open(io.BytesIO(data), formats=[expected_format]) as image:
-            width, height = image.size
-            image.verify()
-    except Image.DecompressionBombError:
-        raise _too_many_pixels() from None
-    except Exception as error:  # Pillow raises many types for corrupt files
-        raise ProviderError(f"downloaded image is corrupt: {error}", transient=False) from None
-    if width * height > MAX_PIXELS:
-        raise _too_many_pixels()
-    return GeneratedImage(data, _CONTENT_TYPES[expected_format], width, height)
-
-
 def is_public_address(address: IpAddress) -> bool:
     """False for loopback, private, link-local, multicast, reserved and unspecified addresses."""
     if isinstance(address, ipaddress.IPv6Address):
@@ -215,15 +183,6 @@ def is_public_address(address: IpAddress) -> bool:
         or address.is_reserved
         or address.is_unspecified
     )
-
-
-def _format_from_magic(data: bytes) -> str | None:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    for magic, image_format in _MAGIC_TO_FORMAT:
-        if data.startswith(magic):
-            return image_format
-    return None
 
 
 def _parse_http_url(url: str) -> httpx.URL:
@@ -288,10 +247,6 @@ def _raise_for_status(response: httpx.Response) -> None:
 
 def _too_large(max_bytes: int) -> ProviderError:
     return ProviderError(f"image is larger than {max_bytes} bytes", transient=False)
-
-
-def _too_many_pixels() -> ProviderError:
-    return ProviderError(f"image has more than {MAX_PIXELS} pixels", transient=False)
 
 
 def _network_error(error: httpx.TransportError) -> ProviderError:

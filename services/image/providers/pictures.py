@@ -13,7 +13,21 @@ from math import gcd
 from PIL import Image, ImageOps
 
 from services.image.catalog import EditOperation
-from services.image.providers.download import image_from_bytes
+from services.image.providers.base import GeneratedImage, ProviderError
+
+# A few MB of PNG can declare a huge canvas; we never decode it, but whoever shows the
+# stored portrait would. Providers produce at most 4096x4096.
+MAX_PIXELS = 4096 * 4096
+
+# Magic numbers are checked before Pillow sees the bytes, so only these four formats are
+# ever parsed, whatever plugins Pillow happens to have.
+_MAGIC_TO_FORMAT = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+)
+_CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 
 # How much of an outpaint canvas the source keeps: the rest is new picture.
 OUTPAINT_KEEP_FRACTION = 0.75
@@ -87,3 +101,34 @@ EDIT_INSTRUCTIONS = {
 
 def edit_prompt(operation: EditOperation, prompt: str, width: int, height: int) -> str:
     return f"{EDIT_INSTRUCTIONS[operation].format(width=width, height=height)} {prompt}".strip()
+
+
+def image_from_bytes(data: bytes) -> GeneratedImage:
+    """Checks that the bytes are a PNG, JPEG, WEBP or GIF and reads its size."""
+    expected_format = _format_from_magic(data)
+    if expected_format is None:
+        raise ProviderError("downloaded file is not an image", transient=False)
+    try:
+        with Image.open(io.BytesIO(data), formats=[expected_format]) as image:
+            width, height = image.size
+            image.verify()
+    except Image.DecompressionBombError:
+        raise _too_many_pixels() from None
+    except Exception as error:  # Pillow raises many types for corrupt files
+        raise ProviderError(f"downloaded image is corrupt: {error}", transient=False) from None
+    if width * height > MAX_PIXELS:
+        raise _too_many_pixels()
+    return GeneratedImage(data, _CONTENT_TYPES[expected_format], width, height)
+
+
+def _format_from_magic(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, image_format in _MAGIC_TO_FORMAT:
+        if data.startswith(magic):
+            return image_format
+    return None
+
+
+def _too_many_pixels() -> ProviderError:
+    return ProviderError(f"image has more than {MAX_PIXELS} pixels", transient=False)

@@ -33,6 +33,8 @@ class CreditsUnderTest:
     stub: pb_grpc.CreditsServiceStub
     channel: grpc.aio.Channel
     tokens: dict[str, str]
+    # host:port the service listens on (for other services under test to call it).
+    addr: str = ""
 
     def as_caller(self, caller: str) -> tuple[tuple[str, str], ...]:
         return bearer_metadata(self.tokens[caller])
@@ -86,7 +88,7 @@ async def serve_credits(database_url: str, tokens: dict[str, str], **env: str) -
         running = await build(config, stack)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         stack.push_async_callback(channel.close)
-        yield CreditsUnderTest(pb_grpc.CreditsServiceStub(channel), channel, tokens)
+        yield CreditsUnderTest(pb_grpc.CreditsServiceStub(channel), channel, tokens, f"127.0.0.1:{running.port}")
 
 
 @contextlib.asynccontextmanager

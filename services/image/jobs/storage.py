@@ -1,0 +1,807 @@
+"""Plain SQL over asyncpg for generation jobs; every function takes a connection.
+
+Every write a worker makes names its lease owner and a non-final status (fencing), so a
+worker whose lease lapsed, or whose job was cancelled, can never overwrite what happened
+since. CancelGenerationJob clears the lease in the same statement that ends the job.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+
+import asyncpg
+
+from services.image.jobs.events import encode_job_queued, job_queued_msg_id
+from shared.db import is_unavailable  # noqa: F401 - the use cases call storage.is_unavailable
+from shared.streams import JOB_QUEUED_SUBJECT
+
+
+class JobStatus(enum.StrEnum):
+    CHARGING = "CHARGING"  # an intent: the charge is under way (never shown)
+    ABANDONING = "ABANDONING"  # the create never came back; its charge is being refunded
+    ABANDONED = "ABANDONED"  # refunded (or never charged); a repeat may revive it
+    PENDING = "PENDING"
+    PROCESSING = "PROCESSING"
+    UPLOADING = "UPLOADING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class SlotStatus(enum.StrEnum):
+    PENDING = "PENDING"  # no picture yet
+    GENERATED = "GENERATED"  # the provider's picture is kept in the row
+    DELIVERED = "DELIVERED"  # in S3, storage reserved
+    FAILED = "FAILED"  # will never be delivered (refund says what it gives back)
+    DELETING = "DELETING"  # DeleteImage under way
+    DELETED = "DELETED"
+
+
+FINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+VISIBLE_STATUSES_ORDERED = (
+    JobStatus.PENDING, JobStatus.PROCESSING, JobStatus.UPLOADING, JobStatus.COMPLETED, JobStatus.FAILED,
+    JobStatus.CANCELLED,
+)  # fmt: skip
+VISIBLE_STATUSES = frozenset(VISIBLE_STATUSES_ORDERED)
+OPEN_SLOT_STATUSES = frozenset({SlotStatus.PENDING, SlotStatus.GENERATED})
+_VISIBLE_SQL = "('PENDING', 'PROCESSING', 'UPLOADING', 'COMPLETED', 'FAILED', 'CANCELLED')"
+_RUNNING_SQL = "('PENDING', 'PROCESSING', 'UPLOADING')"
+
+
+
+@dataclass(frozen=True)
+class NewJob:
+    job_id: uuid.UUID
+    user_id: str
+    request_id: str
+    request_digest: str
+    kind: str
+    model: str
+    prompt: str
+    width: int
+    height: int
+    num_images: int
+    quality: str | None
+    project_id: str | None
+    parent_job_id: uuid.UUID | None
+    unit_price: int
+    credits_charged: int
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: uuid.UUID
+    user_id: str
+    request_id: str
+    request_digest: str
+    kind: str
+    model: str
+    prompt: str
+    width: int
+    height: int
+    num_images: int
+    quality: str | None
+    source_image_id: uuid.UUID | None
+    edit_operation: str | None
+    parent_job_id: uuid.UUID | None
+    project_id: str | None
+    canvas_id: str | None
+    status: JobStatus
+    unit_price: int
+    credits_charged: int
+    credits_refunded: int
+    charge_attempt: int
+    charge_id: str | None
+    balance_after: int | None
+    retry_count: int
+    error_message: str
+    provider: str | None
+    provider_cost_microdollars: int
+    deliveries: int
+    settled: bool
+    create_time: datetime
+    update_time: datetime
+    start_time: datetime | None
+    complete_time: datetime | None
+
+
+@dataclass(frozen=True)
+class SlotRow:
+    job_id: uuid.UUID
+    slot: int
+    image_id: uuid.UUID
+    status: SlotStatus
+    content_type: str | None
+    size_bytes: int | None
+    width: int | None
+    height: int | None
+    storage_id: str | None
+    reserved_bytes: int | None
+    error: str | None
+    refund: int
+    refunded: bool
+
+
+_JOB_COLUMNS = ", ".join(f"j.{item.name}" for item in fields(JobRow))
+_SLOT_COLUMNS = ", ".join(f"i.{item.name}" for item in fields(SlotRow))
+
+
+def _job(record: asyncpg.Record | None) -> JobRow | None:
+    if record is None:
+        return None
+    values = {item.name: record[item.name] for item in fields(JobRow)}
+    values["status"] = JobStatus(values["status"])
+    return JobRow(**values)
+
+
+def _slot(record: asyncpg.Record) -> SlotRow:
+    values = {item.name: record[item.name] for item in fields(SlotRow)}
+    values["status"] = SlotStatus(values["status"])
+    return SlotRow(**values)
+
+
+def _updated(command_tag: str) -> int:
+    return int(command_tag.rsplit(" ", 1)[-1])
+
+
+# ---------------------------------------------------------------- create
+
+
+async def get_job(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float) -> JobRow | None:
+    return _job(await conn.fetchrow(f"SELECT {_JOB_COLUMNS} FROM image.jobs j WHERE j.job_id = $1", job_id,
+                                    timeout=timeout))  # fmt: skip
+
+
+async def insert_intent(conn: asyncpg.Connection, job: NewJob, intent_seconds: float, *, timeout: float) -> bool:
+    """The job as CHARGING and its queue message held for `intent_seconds`, in one statement
+    (so one round trip, atomic); False if the job exists already."""
+    values = [getattr(job, item.name) for item in fields(NewJob)]
+    columns = ", ".join(item.name for item in fields(NewJob))
+    placeholders = ", ".join(f"${n}" for n in range(1, len(values) + 1))
+    first = len(values) + 1
+    return bool(
+        await conn.fetchval(
+            f"""
+            WITH job AS (
+                INSERT INTO image.jobs ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING RETURNING job_id),
+            queued AS (
+                INSERT INTO image.job_outbox (job_id, subject, msg_id, payload, available_at)
+                SELECT job_id, ${first}, ${first + 1}, ${first + 2}, now() + make_interval(secs => ${first + 3})
+                  FROM job
+                ON CONFLICT (msg_id) DO NOTHING)
+            SELECT count(*) = 1 FROM job
+            """,
+            *values,
+            JOB_QUEUED_SUBJECT,
+            job_queued_msg_id(job.job_id, 1),
+            encode_job_queued(job.job_id, job.user_id, 1),
+            intent_seconds,
+            timeout=timeout,
+        )
+    )
+
+
+async def _queue(
+    conn: asyncpg.Connection, job_id: uuid.UUID, user_id: str, attempt: int, hold_seconds: float, *, timeout: float
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO image.job_outbox (job_id, subject, msg_id, payload, available_at)
+        VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+        ON CONFLICT (msg_id) DO NOTHING
+        """,
+        job_id,
+        JOB_QUEUED_SUBJECT,
+        job_queued_msg_id(job_id, attempt),
+        encode_job_queued(job_id, user_id, attempt),
+        hold_seconds,
+        timeout=timeout,
+    )
+
+
+async def revive_intent(
+    conn: asyncpg.Connection, job_id: uuid.UUID, attempt: int, intent_seconds: float, *, timeout: float
+) -> bool:
+    """An ABANDONED job charges again under attempt + 1 (a repeat of its request came)."""
+    async with conn.transaction():
+        user_id = await conn.fetchval(
+            """
+            UPDATE image.jobs
+               SET status = 'CHARGING', charge_attempt = charge_attempt + 1, charge_id = NULL,
+                   balance_after = NULL, credits_refunded = 0, create_time = clock_timestamp(),
+                   update_time = clock_timestamp()
+             WHERE job_id = $1 AND status = 'ABANDONED' AND charge_attempt = $2
+            RETURNING user_id
+            """,
+            job_id,
+            attempt,
+            timeout=timeout,
+        )
+        if user_id is None:
+            return False
+        await _queue(conn, job_id, user_id, attempt + 1, intent_seconds, timeout=timeout)
+    return True
+
+
+async def drop_refused_intent(conn: asyncpg.Connection, job_id: uuid.UUID, attempt: int, *, timeout: float) -> None:
+    """Nothing was charged: the intent is over, and its held message goes with it."""
+    async with conn.transaction():
+        await conn.execute(
+            """UPDATE image.jobs SET status = 'ABANDONED', update_time = clock_timestamp()
+                WHERE job_id = $1 AND status = 'CHARGING' AND charge_attempt = $2""",
+            job_id,
+            attempt,
+            timeout=timeout,
+        )
+        await conn.execute(
+            "DELETE FROM image.job_outbox WHERE msg_id = $1 AND published_at IS NULL",
+            job_queued_msg_id(job_id, attempt),
+            timeout=timeout,
+        )
+
+
+async def commit_charged_job(
+    conn: asyncpg.Connection, job_id: uuid.UUID, attempt: int, charge_id: str, balance: int, *, timeout: float
+) -> JobRow | None:
+    """PENDING with its charge, its image slots, and its message released, in one statement;
+    None unless the intent was still CHARGING under this attempt, with no worker abandoning
+    it (a twin committed, or it was abandoned)."""
+    return _job(
+        await conn.fetchrow(
+            f"""
+            WITH j AS (
+                UPDATE image.jobs j
+                   SET status = 'PENDING', charge_id = $3, balance_after = $4, update_time = clock_timestamp()
+                 WHERE j.job_id = $1 AND j.status = 'CHARGING' AND j.charge_attempt = $2 AND j.lease_owner IS NULL
+                RETURNING {_JOB_COLUMNS}),
+            slots AS (
+                INSERT INTO image.job_images (job_id, slot, image_id)
+                SELECT j.job_id, slot, gen_random_uuid() FROM j, generate_series(0, j.num_images - 1) AS slot
+                ON CONFLICT DO NOTHING),
+            released AS (
+                UPDATE image.job_outbox SET available_at = NULL
+                 WHERE msg_id = $5 AND EXISTS (SELECT 1 FROM j))
+            SELECT * FROM j
+            """,
+            job_id,
+            attempt,
+            charge_id,
+            balance,
+            job_queued_msg_id(job_id, attempt),
+            timeout=timeout,
+        )
+    )
+
+
+# ---------------------------------------------------------------- reads
+
+
+async def list_jobs(
+    conn: asyncpg.Connection,
+    user_id: str,
+    status: JobStatus | None,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+    *,
+    timeout: float,
+) -> list[JobRow]:
+    after_time, after_id = after if after else (None, None)
+    records = await conn.fetch(
+        f"""
+        SELECT {_JOB_COLUMNS} FROM image.jobs j
+         WHERE j.user_id = $1 AND j.status IN {_VISIBLE_SQL}
+           AND ($2::text IS NULL OR j.status = $2)
+           AND ($3::timestamptz IS NULL OR (j.create_time, j.job_id) < ($3, $4::uuid))
+         ORDER BY j.create_time DESC, j.job_id DESC
+         LIMIT $5
+        """,
+        user_id,
+        status.value if status else None,
+        after_time,
+        after_id,
+        limit,
+        timeout=timeout,
+    )
+    return [_job(record) for record in records]  # type: ignore[misc]
+
+
+async def delivered_images(
+    conn: asyncpg.Connection, job_ids: Sequence[uuid.UUID], *, timeout: float
+) -> dict[uuid.UUID, list[SlotRow]]:
+    if not job_ids:
+        return {}
+    records = await conn.fetch(
+        f"""SELECT {_SLOT_COLUMNS} FROM image.job_images i
+             WHERE i.job_id = ANY($1::uuid[]) AND i.status = 'DELIVERED' ORDER BY i.job_id, i.slot""",
+        list(job_ids),
+        timeout=timeout,
+    )
+    found: dict[uuid.UUID, list[SlotRow]] = {}
+    for record in records:
+        found.setdefault(record["job_id"], []).append(_slot(record))
+    return found
+
+
+async def job_slots(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float) -> list[SlotRow]:
+    records = await conn.fetch(
+        f"SELECT {_SLOT_COLUMNS} FROM image.job_images i WHERE i.job_id = $1 ORDER BY i.slot", job_id, timeout=timeout
+    )
+    return [_slot(record) for record in records]
+
+
+async def kept_slots(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float) -> list[tuple[SlotRow, bytes]]:
+    """The GENERATED slots with their kept pictures, in slot order."""
+    records = await conn.fetch(
+        f"SELECT {_SLOT_COLUMNS}, i.png FROM image.job_images i WHERE i.job_id = $1 AND i.status = 'GENERATED' ORDER BY i.slot",
+        job_id,
+        timeout=timeout,
+    )
+    return [(_slot(record), record["png"]) for record in records]
+
+
+async def user_has_image(conn: asyncpg.Connection, user_id: str, storage_id: str, *, timeout: float) -> bool:
+    return bool(
+        await conn.fetchval(
+            """SELECT true FROM image.job_images i JOIN image.jobs j USING (job_id)
+                WHERE i.storage_id = $1 AND j.user_id = $2 AND i.status = 'DELIVERED'""",
+            storage_id,
+            user_id,
+            timeout=timeout,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class StatsTotals:
+    counts: dict[JobStatus, int]
+    credits_charged: int
+    credits_refunded: int
+    average_processing_time_ms: int
+
+
+async def job_stats(
+    conn: asyncpg.Connection, user_id: str | None, project_id: str | None, *, timeout: float
+) -> StatsTotals:
+    records = await conn.fetch(
+        f"""
+        SELECT status, count(*) AS jobs, sum(credits_charged) AS charged, sum(credits_refunded) AS refunded,
+               sum(extract(epoch FROM complete_time - start_time) * 1000)
+                   FILTER (WHERE complete_time IS NOT NULL AND start_time IS NOT NULL) AS processing_ms,
+               count(*) FILTER (WHERE complete_time IS NOT NULL AND start_time IS NOT NULL) AS timed
+          FROM image.jobs
+         WHERE status IN {_VISIBLE_SQL}
+           AND ($1::text IS NULL OR user_id = $1) AND ($2::text IS NULL OR project_id = $2)
+         GROUP BY status
+        """,
+        user_id,
+        project_id,
+        timeout=timeout,
+    )
+    timed = sum(record["timed"] for record in records)
+    processing = sum(float(record["processing_ms"] or 0) for record in records)
+    return StatsTotals(
+        counts={JobStatus(record["status"]): record["jobs"] for record in records},
+        credits_charged=sum(int(record["charged"] or 0) for record in records),
+        credits_refunded=sum(int(record["refunded"] or 0) for record in records),
+        average_processing_time_ms=round(processing / timed) if timed else 0,
+    )
+
+
+# ---------------------------------------------------------------- cancel, settle, delete
+
+
+async def cancel_job(
+    conn: asyncpg.Connection, job_id: uuid.UUID, user_id: str, *, timeout: float
+) -> tuple[JobRow, bool] | None:
+    """(the job, whether this call cancelled it); None when it is not the user's to see.
+    The slots not delivered yet fail, each owing its price back."""
+    async with conn.transaction():
+        row = _job(
+            await conn.fetchrow(
+                f"SELECT {_JOB_COLUMNS} FROM image.jobs j WHERE j.job_id = $1 AND j.user_id = $2 FOR UPDATE",
+                job_id,
+                user_id,
+                timeout=timeout,
+            )
+        )
+        if row is None or row.status not in VISIBLE_STATUSES:
+            return None
+        if row.status in FINAL_STATUSES:
+            return row, False
+        await _fail_open_slots(conn, job_id, "cancelled by the user", refund=True, timeout=timeout)
+        row = await _end_job(conn, job_id, JobStatus.CANCELLED, "cancelled by the user", timeout=timeout)
+    return row, True
+
+
+async def _fail_open_slots(
+    conn: asyncpg.Connection, job_id: uuid.UUID, error: str, *, refund: bool, slots: Sequence[int] | None = None,
+    timeout: float,
+) -> None:  # fmt: skip
+    """Every slot not yet delivered (or only `slots`) fails; with `refund`, each owes its
+    price back, and the job's credits_refunded says so in the same transaction."""
+    await conn.execute(
+        """
+        WITH failed AS (
+            UPDATE image.job_images i
+               SET status = 'FAILED', png = NULL, error = $2, update_time = clock_timestamp(),
+                   refund = CASE WHEN $3 THEN j.unit_price ELSE 0 END
+              FROM image.jobs j
+             WHERE i.job_id = $1 AND j.job_id = i.job_id AND i.status IN ('PENDING', 'GENERATED')
+               AND ($4::int[] IS NULL OR i.slot = ANY($4::int[]))
+            RETURNING i.refund)
+        UPDATE image.jobs SET credits_refunded = credits_refunded + (SELECT coalesce(sum(refund), 0) FROM failed),
+                              update_time = clock_timestamp()
+         WHERE job_id = $1
+        """,
+        job_id,
+        error[:1000],
+        refund,
+        list(slots) if slots is not None else None,
+        timeout=timeout,
+    )
+
+
+async def _end_job(conn: asyncpg.Connection, job_id: uuid.UUID, status: JobStatus, error: str, *, timeout: float) -> JobRow:
+    row = _job(
+        await conn.fetchrow(
+            f"""
+            UPDATE image.jobs j
+               SET status = $2, error_message = $3, lease_owner = NULL, lease_until = NULL,
+                   complete_time = clock_timestamp(), update_time = clock_timestamp()
+             WHERE j.job_id = $1
+            RETURNING {_JOB_COLUMNS}
+            """,
+            job_id,
+            status.value,
+            error[:1000],
+            timeout=timeout,
+        )
+    )
+    assert row is not None
+    return row
+
+
+async def mark_refunded(conn: asyncpg.Connection, job_id: uuid.UUID, slot: int, *, timeout: float) -> None:
+    await conn.execute(
+        "UPDATE image.job_images SET refunded = true WHERE job_id = $1 AND slot = $2", job_id, slot, timeout=timeout
+    )
+
+
+async def mark_settled(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float) -> JobRow | None:
+    return _job(
+        await conn.fetchrow(
+            f"UPDATE image.jobs j SET settled = true WHERE j.job_id = $1 RETURNING {_JOB_COLUMNS}", job_id, timeout=timeout
+        )
+    )
+
+
+async def start_image_deletion(
+    conn: asyncpg.Connection, image_id: uuid.UUID, user_id: str, *, timeout: float
+) -> SlotRow | None:
+    """The user's delivered (or half-deleted) image, now DELETING; None when there is none."""
+    record = await conn.fetchrow(
+        f"""
+        UPDATE image.job_images i SET status = 'DELETING', update_time = clock_timestamp()
+          FROM image.jobs j
+         WHERE i.image_id = $1 AND j.job_id = i.job_id AND j.user_id = $2 AND i.status IN ('DELIVERED', 'DELETING')
+        RETURNING {_SLOT_COLUMNS}
+        """,
+        image_id,
+        user_id,
+        timeout=timeout,
+    )
+    return _slot(record) if record is not None else None
+
+
+async def finish_image_deletion(conn: asyncpg.Connection, image_id: uuid.UUID, *, timeout: float) -> None:
+    async with conn.transaction():
+        job_id = await conn.fetchval(
+            """UPDATE image.job_images SET status = 'DELETED', update_time = clock_timestamp()
+                WHERE image_id = $1 AND status = 'DELETING' RETURNING job_id""",
+            image_id,
+            timeout=timeout,
+        )
+        if job_id is not None:  # the job's images changed: its watchers hear of it
+            await conn.execute("UPDATE image.jobs SET update_time = clock_timestamp() WHERE job_id = $1", job_id,
+                               timeout=timeout)  # fmt: skip
+
+
+# ---------------------------------------------------------------- the worker
+
+
+@dataclass(frozen=True)
+class JobClaim:
+    row: JobRow
+    # False when another worker holds a live lease on the job (or it is not takeable).
+    claimed: bool
+    lease_seconds_left: float
+    # Since the job's last change: how old an intent is.
+    age_seconds: float
+
+
+async def claim_job(
+    conn: asyncpg.Connection,
+    job_id: uuid.UUID,
+    owner: uuid.UUID,
+    lease_seconds: float,
+    intent_seconds: float,
+    *,
+    timeout: float,
+) -> JobClaim | None:
+    """Counts a delivery and takes the lease of a job that is running (or an intent older
+    than `intent_seconds`, or one being abandoned) and not leased by a live worker."""
+    takeable = f"""(j.status IN ('ABANDONING', {_RUNNING_SQL[1:-1]})
+                    OR (j.status = 'CHARGING' AND j.update_time < now() - make_interval(secs => $4)))
+                   AND (j.lease_until IS NULL OR j.lease_until < now())"""
+    record = await conn.fetchrow(
+        f"""
+        UPDATE image.jobs j SET
+            deliveries = j.deliveries + 1,
+            lease_owner = CASE WHEN {takeable} THEN $2 ELSE j.lease_owner END,
+            lease_until = CASE WHEN {takeable} THEN now() + make_interval(secs => $3) ELSE j.lease_until END,
+            -- Taken for the first time: PROCESSING from now on.
+            status = CASE WHEN {takeable} AND j.status = 'PENDING' THEN 'PROCESSING' ELSE j.status END,
+            start_time = CASE WHEN {takeable} AND j.status = 'PENDING' THEN clock_timestamp() ELSE j.start_time END,
+            update_time = CASE WHEN {takeable} AND j.status = 'PENDING' THEN clock_timestamp() ELSE j.update_time END
+         WHERE j.job_id = $1
+        RETURNING {_JOB_COLUMNS}, j.lease_owner IS NOT DISTINCT FROM $2 AS claimed,
+                  coalesce(extract(epoch FROM j.lease_until - now()), 0)::float8 AS lease_seconds_left,
+                  extract(epoch FROM now() - j.update_time)::float8 AS age_seconds
+        """,
+        job_id,
+        owner,
+        lease_seconds,
+        intent_seconds,
+        timeout=timeout,
+    )
+    if record is None:
+        return None
+    return JobClaim(
+        _job(record),  # type: ignore[arg-type]
+        record["claimed"],
+        max(record["lease_seconds_left"], 0.0),
+        record["age_seconds"],
+    )
+
+
+async def renew_lease(
+    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, lease_seconds: float, *, timeout: float
+) -> bool:
+    result = await conn.execute(
+        """UPDATE image.jobs SET lease_until = now() + make_interval(secs => $3)
+            WHERE job_id = $1 AND lease_owner = $2""",
+        job_id,
+        owner,
+        lease_seconds,
+        timeout=timeout,
+    )
+    return _updated(result) == 1
+
+
+async def renew_leases(
+    conn: asyncpg.Connection, leases: Sequence[tuple[uuid.UUID, uuid.UUID]], lease_seconds: float, *, timeout: float
+) -> set[tuple[uuid.UUID, uuid.UUID]]:
+    """Pushes every (job_id, owner) lease still held to now + lease_seconds; those it renewed."""
+    records = await conn.fetch(
+        """UPDATE image.jobs j SET lease_until = now() + make_interval(secs => $3)
+             FROM unnest($1::uuid[], $2::uuid[]) AS l(job_id, owner)
+            WHERE j.job_id = l.job_id AND j.lease_owner = l.owner
+           RETURNING j.job_id, j.lease_owner""",
+        [job_id for job_id, _ in leases],
+        [owner for _, owner in leases],
+        lease_seconds,
+        timeout=timeout,
+    )
+    return {(record["job_id"], record["lease_owner"]) for record in records}
+
+
+async def release_job(
+    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, *, retried: bool, timeout: float
+) -> bool:
+    """Gives the lease back (after a failure a later delivery may get past); `retried`
+    counts a provider retry."""
+    result = await conn.execute(
+        """UPDATE image.jobs SET lease_owner = NULL, lease_until = NULL,
+                  retry_count = retry_count + CASE WHEN $3 THEN 1 ELSE 0 END,
+                  update_time = CASE WHEN $3 THEN clock_timestamp() ELSE update_time END
+            WHERE job_id = $1 AND lease_owner = $2""",
+        job_id,
+        owner,
+        retried,
+        timeout=timeout,
+    )
+    return _updated(result) == 1
+
+
+async def set_status(
+    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, status: JobStatus, *, timeout: float
+) -> bool:
+    """PROCESSING (the first time: start_time) or UPLOADING, under our lease."""
+    result = await conn.execute(
+        f"""UPDATE image.jobs SET status = $3, start_time = coalesce(start_time, clock_timestamp()),
+                   update_time = clock_timestamp()
+             WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL}""",
+        job_id,
+        owner,
+        status.value,
+        timeout=timeout,
+    )
+    return _updated(result) == 1
+
+
+@dataclass(frozen=True)
+class KeptPicture:
+    slot: int
+    png: bytes
+    width: int
+    height: int
+
+
+async def keep_generated(
+    conn: asyncpg.Connection,
+    job_id: uuid.UUID,
+    owner: uuid.UUID,
+    pictures: Sequence[KeptPicture],
+    provider: str,
+    cost_microdollars: int,
+    *,
+    timeout: float,
+) -> bool:
+    """The provider's pictures kept (GENERATED), its name and cost added to the job, in one statement."""
+    return bool(
+        await conn.fetchval(
+            f"""
+            WITH job AS (
+                UPDATE image.jobs SET provider = $3,
+                       provider_cost_microdollars = provider_cost_microdollars + $4, update_time = clock_timestamp()
+                 WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL}
+                RETURNING job_id),
+            kept AS (
+                UPDATE image.job_images i
+                   SET status = 'GENERATED', png = p.png, width = p.width, height = p.height,
+                       content_type = 'image/png', size_bytes = length(p.png), update_time = clock_timestamp()
+                  FROM job, unnest($5::int[], $6::bytea[], $7::int[], $8::int[]) AS p(slot, png, width, height)
+                 WHERE i.job_id = job.job_id AND i.slot = p.slot AND i.status = 'PENDING')
+            SELECT count(*) = 1 FROM job
+            """,
+            job_id,
+            owner,
+            provider,
+            cost_microdollars,
+            [picture.slot for picture in pictures],
+            [picture.png for picture in pictures],
+            [picture.width for picture in pictures],
+            [picture.height for picture in pictures],
+            timeout=timeout,
+        )
+    )
+
+
+async def fail_slots(
+    conn: asyncpg.Connection,
+    job_id: uuid.UUID,
+    owner: uuid.UUID,
+    slots: Sequence[int] | None,
+    error: str,
+    *,
+    refund: bool,
+    timeout: float,
+) -> bool:
+    """`slots` (None: every open one) fail under our lease, owing their price back with `refund`."""
+    async with conn.transaction():
+        held = await conn.fetchval(
+            f"SELECT true FROM image.jobs WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL} FOR UPDATE",
+            job_id,
+            owner,
+            timeout=timeout,
+        )
+        if not held:
+            return False
+        await _fail_open_slots(conn, job_id, error, refund=refund, slots=slots, timeout=timeout)
+    return True
+
+
+async def mark_reserving(
+    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, slot: int, size: int, *, timeout: float
+) -> bool:
+    result = await conn.execute(
+        f"""UPDATE image.job_images i SET reserved_bytes = $4 FROM image.jobs j
+             WHERE i.job_id = $1 AND i.slot = $3 AND i.status = 'GENERATED' AND j.job_id = i.job_id
+               AND j.lease_owner = $2 AND j.status IN {_RUNNING_SQL}""",
+        job_id,
+        owner,
+        slot,
+        size,
+        timeout=timeout,
+    )
+    return _updated(result) == 1
+
+
+async def mark_delivered(
+    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, slot: int, storage_id: str, *, timeout: float
+) -> bool:
+    """The slot's object is in S3: DELIVERED, and the kept picture dropped, in one statement."""
+    return bool(
+        await conn.fetchval(
+            f"""
+            WITH job AS (
+                UPDATE image.jobs SET update_time = clock_timestamp()
+                 WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL} RETURNING job_id),
+            delivered AS (
+                UPDATE image.job_images i SET status = 'DELIVERED', storage_id = $4, png = NULL,
+                       update_time = clock_timestamp()
+                  FROM job WHERE i.job_id = job.job_id AND i.slot = $3 AND i.status = 'GENERATED'
+                RETURNING i.slot)
+            SELECT count(*) = 1 FROM delivered
+            """,
+            job_id,
+            owner,
+            slot,
+            storage_id,
+            timeout=timeout,
+        )
+    )
+
+
+async def finish_job(
+    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, status: JobStatus, error: str, *, timeout: float
+) -> JobRow | None:
+    """COMPLETED or FAILED under our lease (which it releases)."""
+    return _job(
+        await conn.fetchrow(
+            f"""
+            UPDATE image.jobs j
+               SET status = $3, error_message = $4, lease_owner = NULL, lease_until = NULL,
+                   complete_time = clock_timestamp(), update_time = clock_timestamp()
+             WHERE j.job_id = $1 AND j.lease_owner = $2 AND j.status IN {_RUNNING_SQL}
+            RETURNING {_JOB_COLUMNS}
+            """,
+            job_id,
+            owner,
+            status.value,
+            error[:1000],
+            timeout=timeout,
+        )
+    )
+
+
+async def start_abandoning(conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, *, timeout: float) -> bool:
+    """A CHARGING intent whose create never came back, held under our lease: ABANDONING."""
+    result = await conn.execute(
+        """UPDATE image.jobs SET status = 'ABANDONING', update_time = clock_timestamp()
+            WHERE job_id = $1 AND lease_owner = $2 AND status IN ('CHARGING', 'ABANDONING')""",
+        job_id,
+        owner,
+        timeout=timeout,
+    )
+    return _updated(result) == 1
+
+
+async def finish_abandoning(
+    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, refunded: int, charge_id: str | None, *, timeout: float
+) -> bool:
+    result = await conn.execute(
+        """UPDATE image.jobs SET status = 'ABANDONED', credits_refunded = $3, charge_id = $4, lease_owner = NULL,
+                  lease_until = NULL, update_time = clock_timestamp()
+            WHERE job_id = $1 AND lease_owner = $2 AND status = 'ABANDONING'""",
+        job_id,
+        owner,
+        refunded,
+        charge_id,
+        timeout=timeout,
+    )
+    return _updated(result) == 1
+
+
+async def forget_reservation(conn: asyncpg.Connection, job_id: uuid.UUID, slot: int, *, timeout: float) -> None:
+    await conn.execute(
+        "UPDATE image.job_images SET reserved_bytes = NULL WHERE job_id = $1 AND slot = $2 AND status = 'FAILED'",
+        job_id,
+        slot,
+        timeout=timeout,
+    )
+

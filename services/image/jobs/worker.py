@@ -1,0 +1,436 @@
+"""The run of one generation job, delivery by delivery. No grpc, no SQL text, no HTTP here.
+
+A delivery of `image.job.queued` names a job; the row says everything else. One worker at
+a time holds a job (a lease kept alive while it works; every write names it). Each run
+resumes from where the last one stopped, slot by slot:
+
+  PENDING -> PROCESSING: provider calls for the slots with no picture yet, as many calls
+     as the model's per-call limit needs; each picture is kept in the database as soon as
+     it exists, so a crash or a retry never pays the provider again for it.
+  UPLOADING: per kept picture, storage reserved (idempotent per image), the object put in
+     S3 (AES256, under users/<user>/jobs/<job>/<slot>.png), the slot DELIVERED.
+  COMPLETED (at least one image delivered) or FAILED; then the job is settled (refunds
+     of what was not delivered for a reason that is not the player's, RecordGeneration)
+     and only then is the message acknowledged.
+
+Transient provider errors are retried as delayed redeliveries, 2 s, 4 s, 8 s (a longer
+Retry-After wins), three at most; the fourth fails the remaining images with a refund.
+Content refusals and invalid parameters fail them without one. S3, credits or the
+database away only delay the job; a job still not final `job_max_seconds` after its
+creation fails what is left, with a refund, so no job stays non-final forever.
+A cancelled job (CancelGenerationJob clears the lease) stops before its next provider call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.image.catalog import Quality, images_per_call
+from services.image.durable_consumer import Outcome, ack, retry
+from services.image.errors import DependencyUnavailable, LeaseLost
+from services.image.jobs import storage
+from services.image.jobs.domain import (
+    ChargeNotFound,
+    CreditsUnavailable,
+    InsufficientCredits,
+    JobDeps,
+    RefundExceedsCharge,
+    StorageQuotaExceeded,
+    charge_request_id,
+    image_key,
+    job_reference,
+    settle_job,
+)
+from services.image.jobs.metrics import JOB_DELIVERIES, JOBS_FINISHED, count_refund, observe_step
+from services.image.jobs.storage import JobRow, JobStatus, KeptPicture, SlotRow, SlotStatus
+from services.image.lease import BatchedRenewals, LeaseTiming, lease_kept
+from services.image.providers.base import GenerationProvider, GenerationRequest, GenerationResult, ProviderError
+from services.image.providers.pictures import as_png
+from shared.logs import logged_step
+from shared.metrics import PROVIDER_RETRIES, ProviderKind, ProviderOutcome, observe_provider_call, retry_reason
+
+log = logging.getLogger(__name__)
+
+# How many statement bounds a worker may wait for a pooled connection.
+POOL_WAIT_STEPS = 6
+_TRANSIENT = (DependencyUnavailable, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    retry_backoff_seconds: tuple[float, ...] = (2.0, 4.0, 8.0)
+    provider_seconds: float = 240.0
+    job_max_seconds: float = 900.0
+    # How soon a delivery that found the job held by another worker comes back.
+    busy_retry_seconds: float = 1.0
+
+    @property
+    def max_retries(self) -> int:
+        return len(self.retry_backoff_seconds)
+
+
+@dataclass(frozen=True)
+class WorkerDeps:
+    jobs: JobDeps
+    provider: GenerationProvider  # the ProviderRouter
+    lease: LeaseTiming
+    settings: WorkerSettings = WorkerSettings()
+    # The process's leases renewed together (see lease.BatchedRenewals); None: one by one.
+    renewals: BatchedRenewals | None = None
+
+
+def batched_renewals(pool: Any, lease: LeaseTiming, step_seconds: float) -> BatchedRenewals:
+    """One statement renews every job lease this process holds that is due. `pool` is the
+    renewals' own: behind a thousand jobs' statements in the main pool's queue, a renewal
+    could wait longer than the lease lasts."""
+
+    async def renew_many(keys: list[tuple[uuid.UUID, uuid.UUID]]) -> set[tuple[uuid.UUID, uuid.UUID]]:
+        async with pool.acquire(timeout=step_seconds) as conn:
+            return await storage.renew_leases(conn, keys, lease.seconds, timeout=step_seconds)
+
+    return BatchedRenewals(renew_many)
+
+
+class _Transient(Exception):
+    def __init__(self, reason: str, retry_after: float | None, label: str) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.label = label  # the retries metric's reason
+
+
+async def run_job(deps: WorkerDeps, job_id: uuid.UUID) -> Outcome:
+    """Advances one job as far as it goes now; the Outcome tells the consumer what next."""
+    outcome = await _run(deps, job_id)
+    JOB_DELIVERIES.labels(outcome.status).inc()
+    return outcome
+
+
+async def _run(deps: WorkerDeps, job_id: uuid.UUID) -> Outcome:
+    ids = {"job_id": str(job_id)}
+    owner = uuid.uuid4()
+    try:
+        claim = await _write(deps, storage.claim_job, job_id, owner, deps.lease.seconds, deps.jobs.settings.intent_seconds)
+    except _TRANSIENT as error:
+        return retry(_describe(error))
+    if claim is None:
+        log.warning("job.message_orphaned", extra=ids)
+        return ack("UNKNOWN_JOB")
+    row = claim.row
+    ids["user_id"] = row.user_id
+    if row.status is JobStatus.ABANDONED:
+        return ack("ABANDONED")
+    if row.status in storage.FINAL_STATUSES:
+        return await _settle(deps, row, ids)
+    if not claim.claimed:
+        if row.status is JobStatus.CHARGING:
+            # Its create may still be charging: look again once the intent is old enough.
+            wait = max(deps.jobs.settings.intent_seconds - claim.age_seconds, 0.0) + 0.5
+            return retry("the job is still being charged", delay_seconds=wait, status="CHARGING")
+        log.info("job.already_claimed", extra=ids)
+        return retry("another worker holds this job", delay_seconds=deps.settings.busy_retry_seconds, status="BUSY")
+    work = _abandon(deps, row, owner, ids) if row.status in (JobStatus.CHARGING, JobStatus.ABANDONING) else _advance(
+        deps, row, owner, ids
+    )
+    return await _under_lease(deps, job_id, owner, ids, work)
+
+
+async def _under_lease(deps: WorkerDeps, job_id: uuid.UUID, owner: uuid.UUID, ids: dict, work: Any) -> Outcome:
+    async def renew() -> bool:
+        if deps.renewals is not None:
+            return await deps.renewals.renew((job_id, owner))
+        return await _write(deps, storage.renew_lease, job_id, owner, deps.lease.seconds)
+
+    try:
+        async with lease_kept(renew, deps.lease, log_fields=ids):
+            done = await work
+    except LeaseLost:
+        # Cancelled meanwhile (the cancel cleared our lease), or another worker took over.
+        return await _after_lease_lost(deps, job_id, ids)
+    except asyncio.CancelledError:
+        await _release(deps, job_id, owner, retried=False)
+        raise
+    except _TRANSIENT as error:
+        await _release(deps, job_id, owner, retried=False)
+        return retry(_describe(error))
+    if isinstance(done, Outcome):
+        return done
+    # Final, and the lease given back with the final write: settling needs no lease (each
+    # credits call is idempotent), and a renewal would now find the lease gone.
+    return await _settle(deps, done, ids)
+
+
+async def _after_lease_lost(deps: WorkerDeps, job_id: uuid.UUID, ids: dict) -> Outcome:
+    try:
+        row = await _read(deps, job_id)
+    except _TRANSIENT as error:
+        return retry(_describe(error))
+    if row is not None and row.status in storage.FINAL_STATUSES:
+        return await _settle(deps, row, ids)
+    return retry("the lease was lost; whoever holds the job now finishes it", status="LEASE_LOST")
+
+
+# ---------------------------------------------------------------- a create that never came back
+
+
+async def _abandon(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> Outcome:
+    """Refunds whatever the intent's charge took: the job never came to exist."""
+    await _must(deps, storage.start_abandoning, row.job_id, owner)
+    credits = deps.jobs.credits
+    log.warning("job.intent_abandoned", extra={**ids, "charge_attempt": row.charge_attempt})
+    try:
+        # A replay returns the charge if there was one; if the create never reached
+        # credits, this charges now, and the refund below gives it straight back.
+        charged = await credits.charge(
+            user_id=row.user_id, amount=row.credits_charged, reference=job_reference(row.job_id),
+            request_id=charge_request_id(row.job_id, row.charge_attempt),
+        )  # fmt: skip
+    except InsufficientCredits:
+        charged = None  # nothing was taken
+    if charged is not None:
+        try:
+            await credits.refund(
+                charge_id=charged.charge_id, amount=row.credits_charged, reason=f"job {row.job_id} was never created",
+                request_id=f"{charge_request_id(row.job_id, row.charge_attempt)}:abandoned",
+            )  # fmt: skip
+        except RefundExceedsCharge as error:
+            log.error("job.refund_refused", extra={**ids, "error": str(error)})
+    refunded = row.credits_charged if charged is not None else 0
+    count_refund("abandoned", refunded)
+    await _must(deps, storage.finish_abandoning, row.job_id, owner, refunded, charged.charge_id if charged else None)
+    log.info("job.intent_refunded", extra={**ids, "credits_refunded": refunded})
+    return ack("ABANDONED")
+
+
+# ---------------------------------------------------------------- the run
+
+
+async def _advance(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> Outcome | JobRow:
+    if _past_deadline(deps, row):
+        await _must(deps, storage.fail_slots, row.job_id, owner, None,
+                    f"not finished within {deps.settings.job_max_seconds:g} s", refund=True)  # fmt: skip
+        return await _finish(deps, row, owner, ids)
+    slots = await _read_slots(deps, row.job_id)
+    pending = [slot.slot for slot in slots if slot.status is SlotStatus.PENDING]
+    if pending:
+        try:
+            stopped = await _paint(deps, row, owner, pending, ids)
+        except _Transient as error:
+            if row.retry_count < deps.settings.max_retries:
+                return await _retry_provider(deps, row, owner, ids, error)
+            await _give_up_painting(deps, row, owner, ids, error)
+            stopped = None
+        if stopped is not None:
+            return stopped
+    kept = await _write(deps, storage.kept_slots, row.job_id)
+    if kept:
+        await _must(deps, storage.set_status, row.job_id, owner, JobStatus.UPLOADING)
+        for slot, png in kept:
+            await _upload(deps, row, owner, slot, png, ids)
+    return await _finish(deps, row, owner, ids)
+
+
+async def _paint(
+    deps: WorkerDeps, row: JobRow, owner: uuid.UUID, pending: Sequence[int], ids: dict
+) -> Outcome | JobRow | None:
+    """Provider calls for the `pending` slots; the final job when it stopped (cancelled)."""
+    spec = deps.jobs.catalog.get(row.model)
+    start = 0
+    for count in images_per_call(spec, len(pending)):
+        group, rest = list(pending[start : start + count]), list(pending[start:])
+        # A cancellation is looked for before every call but the first (the claim just read the job).
+        latest = await _read(deps, row.job_id) if start else row
+        start += count
+        if latest is None or latest.status in storage.FINAL_STATUSES:
+            log.info("job.stop_noticed", extra={**ids, "status": latest.status.value if latest else None})
+            return latest if latest else ack("UNKNOWN_JOB")  # settled once out of the lease
+        try:
+            result = await _generate(deps, row, len(group), ids)
+        except ProviderError as error:
+            # Refused for good: a user error (content policy, invalid parameters) is not
+            # refunded; our side's (the vendor's quota, our key, an unusable answer) is.
+            await _must(deps, storage.fail_slots, row.job_id, owner, rest, f"provider: {error.reason}",
+                        refund=error.refundable)  # fmt: skip
+            return None
+        await _keep(deps, row, owner, group, result, ids)
+    return None
+
+
+async def _generate(deps: WorkerDeps, row: JobRow, count: int, ids: dict) -> GenerationResult:
+    request = GenerationRequest(
+        model=row.model, prompt=row.prompt, width=row.width, height=row.height, count=count,
+        quality=Quality(row.quality) if row.quality else None,
+    )  # fmt: skip
+    with _step("generate", ids, images=count):
+        started = time.perf_counter()
+        outcome = ProviderOutcome.TRANSIENT_ERROR
+        provider = "router"
+        try:
+            async with asyncio.timeout(deps.settings.provider_seconds):
+                result = await deps.provider.generate(request)
+            provider = str(result.provider)
+            outcome = ProviderOutcome.OK
+            return result
+        except TimeoutError:
+            raise _Transient(f"provider: no answer within {deps.settings.provider_seconds:g} s", None,
+                             retry_reason(None, timed_out=True)) from None  # fmt: skip
+        except ProviderError as error:
+            provider = error.provider or provider
+            if error.transient:
+                raise _Transient(f"provider: {error.reason}", error.retry_after, retry_reason(error.status)) from error
+            outcome = ProviderOutcome.PERMANENT_ERROR
+            raise
+        finally:
+            observe_provider_call(ProviderKind.IMAGE, provider, outcome, time.perf_counter() - started)
+
+
+async def _keep(
+    deps: WorkerDeps, row: JobRow, owner: uuid.UUID, group: list[int], result: GenerationResult, ids: dict
+) -> None:
+    pictures = []
+    for slot, image in zip(group, result.images, strict=False):
+        try:
+            png = await asyncio.to_thread(as_png, image.data)
+        except Exception as error:  # noqa: BLE001 - Pillow raises many types for a corrupt file
+            log.warning("job.image_rejected", extra={**ids, "slot": slot, "error": repr(error)})
+            continue
+        pictures.append(KeptPicture(slot, png, image.width, image.height))
+    with _step("keep", ids, images=len(pictures)):
+        await _must(deps, storage.keep_generated, row.job_id, owner, pictures, str(result.provider),
+                    result.cost_microdollars)  # fmt: skip
+    missing = [slot for slot in group if slot not in {picture.slot for picture in pictures}]
+    if missing:
+        # The safety filter withheld them (the player's prompt): not refunded; an unreadable
+        # answer is the provider's fault: refunded.
+        withheld = result.refused_count > 0
+        reason = result.refused_reason or ("withheld by the provider's safety filter" if withheld else "unreadable image")
+        await _must(deps, storage.fail_slots, row.job_id, owner, missing, f"provider: {reason}", refund=not withheld)
+
+
+async def _retry_provider(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict, error: _Transient) -> Outcome:
+    delay = max(deps.settings.retry_backoff_seconds[row.retry_count], error.retry_after or 0.0)
+    PROVIDER_RETRIES.labels(ProviderKind.IMAGE, row.provider or "router", error.label).inc()
+    await _release(deps, row.job_id, owner, retried=True)
+    log.warning("job.provider_retried", extra={**ids, "retry_count": row.retry_count + 1, "delay_seconds": delay,
+                                               "error": str(error)})  # fmt: skip
+    return retry(str(error), delay_seconds=delay, status="PROVIDER_RETRY")
+
+
+async def _give_up_painting(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict, error: _Transient) -> None:
+    """The retries are spent: the images with no picture yet fail, refunded (the pictures
+    already made are still delivered)."""
+    reason = f"{error} (gave up after {row.retry_count} retries)"
+    log.error("job.retries_exhausted", extra={**ids, "retry_count": row.retry_count, "error": reason})
+    pending = [slot.slot for slot in await _read_slots(deps, row.job_id) if slot.status is SlotStatus.PENDING]
+    await _must(deps, storage.fail_slots, row.job_id, owner, pending, reason, refund=True)
+
+
+async def _upload(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, slot: SlotRow, png: bytes, ids: dict) -> None:
+    key = image_key(row.user_id, row.job_id, slot.slot)
+    await _must(deps, storage.mark_reserving, row.job_id, owner, slot.slot, len(png))
+    try:
+        with _step("reserve_storage", ids, slot=slot.slot, size_bytes=len(png)):
+            await deps.jobs.credits.reserve_storage(
+                user_id=row.user_id, size=len(png), request_id=f"image:{slot.image_id}:reserve"
+            )
+    except StorageQuotaExceeded as error:
+        # Storage quota reached at upload: a server-side failure for the player, refunded.
+        await _must(deps, storage.fail_slots, row.job_id, owner, [slot.slot], f"storage: {error}", refund=True)
+        return
+    with _step("upload", ids, slot=slot.slot, storage_id=key):
+        # The same key always gets the same bytes (the picture kept for the slot), so a
+        # second put after a crash rewrites nothing that differs: no existence check first.
+        await deps.jobs.objects.put(key, png, "image/png", encrypted=True)
+    with _step("mark_delivered", ids, slot=slot.slot, storage_id=key):
+        await _must(deps, storage.mark_delivered, row.job_id, owner, slot.slot, key)
+
+
+async def _finish(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> JobRow:
+    """The job made final (its lease released); the caller settles it outside the lease."""
+    slots = await _read_slots(deps, row.job_id)
+    delivered = [slot for slot in slots if slot.status is SlotStatus.DELIVERED]
+    failed = [slot for slot in slots if slot.status is SlotStatus.FAILED]
+    status = JobStatus.COMPLETED if delivered else JobStatus.FAILED
+    error = ""
+    if failed:
+        first = failed[0].error or "failed"
+        error = first if not delivered else f"{len(failed)} of {row.num_images} images failed: {first}"
+    finished = await _must(deps, storage.finish_job, row.job_id, owner, status, error)
+    JOBS_FINISHED.labels(status.value).inc()
+    log.info("job.finished", extra={**ids, "status": status.value, "images_delivered": len(delivered),
+                                    "credits_refunded": finished.credits_refunded, "error": error or None})  # fmt: skip
+    return finished
+
+
+async def _settle(deps: WorkerDeps, row: JobRow, ids: dict) -> Outcome:
+    try:
+        with _step("settle", ids):
+            await settle_job(deps.jobs, row)
+    except (CreditsUnavailable, *_TRANSIENT) as error:
+        return retry(f"settling: {_describe(error)}", status="SETTLE_RETRY")
+    except ChargeNotFound as error:
+        log.error("job.settle_refused", extra={**ids, "error": str(error)})
+    return ack(row.status.value)
+
+
+def _past_deadline(deps: WorkerDeps, row: JobRow) -> bool:
+    age = (datetime.now(row.create_time.tzinfo) - row.create_time).total_seconds()
+    return age >= deps.settings.job_max_seconds
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+async def _write(deps: WorkerDeps, write: Any, *args: Any, **kwargs: Any) -> Any:
+    step = deps.jobs.settings.step_seconds
+    # A thousand jobs in flight queue for the pool: waiting there is not a fault (the lease
+    # is renewed on its own pool meanwhile), so the wait is bounded far above one statement.
+    async with deps.jobs.pool.acquire(timeout=step * POOL_WAIT_STEPS) as conn:
+        return await write(conn, *args, timeout=step, **kwargs)
+
+
+async def _must(deps: WorkerDeps, write: Any, *args: Any, **kwargs: Any) -> Any:
+    """A write under our lease; LeaseLost when the job is no longer ours (cancelled, taken over)."""
+    result = await _write(deps, write, *args, **kwargs)
+    if not result:
+        log.warning("job.lease_lost", extra={"job_id": str(args[0]), "write": write.__name__})
+        raise LeaseLost(f"{write.__name__}: the job is no longer ours")
+    return result
+
+
+async def _read(deps: WorkerDeps, job_id: uuid.UUID) -> JobRow | None:
+    return await _write(deps, storage.get_job, job_id)
+
+
+async def _read_slots(deps: WorkerDeps, job_id: uuid.UUID) -> list[SlotRow]:
+    return await _write(deps, storage.job_slots, job_id)
+
+
+async def _release(deps: WorkerDeps, job_id: uuid.UUID, owner: uuid.UUID, *, retried: bool) -> None:
+    try:
+        await _write(deps, storage.release_job, job_id, owner, retried=retried)
+    except Exception as error:  # noqa: BLE001 - the lease then simply expires
+        log.warning("job.release_failed", extra={"job_id": str(job_id), "error": _describe(error)})
+
+
+@contextlib.contextmanager
+def _step(step: str, ids: dict, **fields: Any) -> Iterator[None]:
+    """Each step logs its start and end (job_id, step, duration_ms, error) and is timed in
+    casefile_job_step_seconds."""
+    with logged_step(log, "job", step, ids, describe=_describe, observe=observe_step, **fields):
+        yield
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, (DependencyUnavailable, ProviderError, _Transient)) and str(error):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
