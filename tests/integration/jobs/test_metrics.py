@@ -99,4 +99,3 @@ async def test_a_cancelled_job_is_counted_once(openai_stack: JobsStack, openai: 
     after = await scrape(metrics_url)
 
     assert grew(before, after, "casefile_jobs_cancelled_total") == 1
-
