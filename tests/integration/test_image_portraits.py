@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import io
 import uuid
-from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import aiobotocore.session
@@ -31,6 +29,7 @@ from shared.streams import STORY_EVENTS
 from tests.fakes.s3_requests import requests_to
 from tests.fakes.recraft import FakeRecraft
 from tests.fakes.tcp_proxy import TcpProxy
+from tests.polling import eventually
 from tests.scrape import scrape
 
 TOKENS = "admin:t-admin,gateway:t-gateway,story:t-story,image:t-image"
@@ -69,7 +68,10 @@ class RecordingStoryService(story_service_pb2_grpc.StoryServiceServicer):
     def add(self, prompt: str, *, attempt: int = 1, story_id: str | None = None) -> str:
         story_id = story_id or str(uuid.uuid4())
         self.stories[story_id] = {
-            "prompt": prompt, "attempt": attempt, "status": story_service_pb2.PORTRAIT_STATUS_PENDING, "storage_id": ""
+            "prompt": prompt,
+            "attempt": attempt,
+            "status": story_service_pb2.PORTRAIT_STATUS_PENDING,
+            "storage_id": "",
         }
         return story_id
 
@@ -195,8 +197,6 @@ async def db(database_url):
     await conn.close()
 
 
-
-
 async def publish_story_created(js, story_id: str, prompt: str = "", *, attempt: int = 1, msg_id: str | None = None):
     """What the outbox relay publishes; the prompt in it is ignored (the story is the truth)."""
     event = story_events_pb2.StoryCreated(
@@ -210,20 +210,6 @@ async def new_story(js, story_peer, prompt: str, *, attempt: int = 1) -> str:
     story_id = story_peer.add(prompt, attempt=attempt)
     await publish_story_created(js, story_id, prompt, attempt=attempt)
     return story_id
-
-
-async def eventually(check: Callable, *, timeout: float = 10.0, what: str = "condition"):
-    """Polls `check` (sync or async) until it returns something truthy; returns that."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def consumer_settled(js, messages: int) -> bool:
@@ -664,9 +650,7 @@ async def test_lease_is_renewed_while_a_slow_paint_runs(image_env, start_image, 
         assert story_peer.images == [(story_id, key_of(story_id))]
 
 
-async def test_slow_s3_never_lets_two_workers_paint_one_attempt(
-    image_env, js, story_peer, s3_server, s3_bucket, db
-):
+async def test_slow_s3_never_lets_two_workers_paint_one_attempt(image_env, js, story_peer, s3_server, s3_bucket, db):
     """Each S3 chunk takes 0.3 s against a 1 s ack wait and lease renewal every second: the
     upload spans several leases, and a duplicate delivery to a second process arrives
     meanwhile. One provider call, one PUT, one attachment."""
@@ -871,9 +855,10 @@ async def test_consumer_pending_is_read_from_jetstream_at_each_scrape(image_env,
 
     async def pending() -> bool:
         scraped = await scrape(server.metrics.url)
-        return scraped.value("casefile_consumer_pending_messages", consumer=DURABLE) == 2 and scraped.value(
-            "casefile_consumer_in_flight", consumer=DURABLE
-        ) == 1
+        return (
+            scraped.value("casefile_consumer_pending_messages", consumer=DURABLE) == 2
+            and scraped.value("casefile_consumer_in_flight", consumer=DURABLE) == 1
+        )
 
     await eventually(pending, what="two messages waiting behind one in work")
     blocked.set()

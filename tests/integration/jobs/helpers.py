@@ -3,12 +3,10 @@ service, both in this process on free ports, plus the database, S3 and calls as 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import uuid
 from urllib.parse import urlsplit
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +24,7 @@ from shared.auth import bearer_metadata
 from shared.grpc_errors import ErrorDetails, details_of
 from shared.streams import IMAGE_JOBS, JOBS_DURABLE
 from tests.fakes.tcp_proxy import TcpProxy
+from tests.polling import eventually
 from tests.integration.credits.helpers import CreditsUnderTest, serve_credits
 
 CALL_TIMEOUT_S = 10
@@ -77,7 +76,9 @@ class JobsStack:
         return bearer_metadata(self.tokens["gateway"])
 
     async def call(self, method: str, request: Any, *, caller: str = "gateway") -> Any:
-        return await getattr(self.image, method)(request, metadata=bearer_metadata(self.tokens[caller]), timeout=CALL_TIMEOUT_S)
+        return await getattr(self.image, method)(
+            request, metadata=bearer_metadata(self.tokens[caller]), timeout=CALL_TIMEOUT_S
+        )
 
     async def refused(self, method: str, request: Any, *, caller: str = "gateway") -> ErrorDetails:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -141,20 +142,6 @@ async def serve_jobs(
             session.create_client("s3", endpoint_url=s3_endpoint_url, region_name="us-east-1")
         )
         yield JobsStack(pb_grpc.ImageServiceStub(channel), credits, db, s3, s3_bucket, tokens, server.port, extra)
-
-
-async def eventually(check: Callable, *, timeout: float = 10.0, what: str = "condition"):
-    """Polls `check` (sync or async) until it returns something truthy; returns that."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def job_rows(db: asyncpg.Connection, user_id: str) -> list[asyncpg.Record]:
