@@ -39,6 +39,7 @@ from shared.auth import AuthInterceptor
 from shared.background import start_supervised
 from shared.change_feed import ChangeFeed
 from shared.db import close_pool, create_pool
+from shared.http_transport import ShardedTransport
 from shared.grpc_server import RunningServer, ServiceSpec, add_strictly_decoded, serve_main, start_grpc_server
 from shared.migrations import apply_migrations
 from shared.notices import Notices
@@ -67,10 +68,13 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     # One HTTP client for the process, so provider calls and downloads reuse connections;
     # redirects stay off because the downloader checks every hop itself.
     # Every job and portrait in flight may be waiting on a provider at once: httpx's default
-    # of 100 connections would queue the rest behind them.
-    limits = httpx.Limits(max_connections=config.jobs.concurrency + config.portrait_concurrency,
-                          max_keepalive_connections=100)  # fmt: skip
-    http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False, limits=limits))
+    # of 100 connections would queue the rest behind them. So many connections go in shards
+    # (shared/http_transport.py: httpcore's one pool costs O(connections^2) per request).
+    connections = config.jobs.concurrency + config.portrait_concurrency
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=100)
+    http = await stack.enter_async_context(
+        httpx.AsyncClient(follow_redirects=False, limits=limits, transport=ShardedTransport(max_connections=connections))
+    )
     timeouts = PortraitTimeouts(
         provider_seconds=config.portrait_provider_timeout_seconds,
         step_seconds=config.portrait_step_timeout_seconds,
