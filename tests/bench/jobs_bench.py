@@ -32,7 +32,7 @@ from casefile.credits.v1 import credits_service_pb2 as credits_pb
 from casefile.credits.v1 import credits_service_pb2_grpc
 from casefile.image.v1 import image_service_pb2 as pb
 from casefile.image.v1 import image_service_pb2_grpc
-from tests.bench import echo_server, jobs_scale, slow_provider
+from tests.bench import echo_server, jobs_scale
 from tests.bench.harness import AS_ADMIN, AS_GATEWAY, base_env, bench_database, calls_per_second, paired_rates
 from tests.bench.report import Figure, figure, ratio_figure
 from tools.infra import MotoS3Server, NatsServer, ServiceProcess, free_port, wait_for_tcp
@@ -72,15 +72,9 @@ async def run(args: argparse.Namespace) -> list[Figure]:
             processes += [nats_server, s3, provider]
             provider_url = await _read_when_written(url_file)
             env = {
-                **base_env(database_url),
-                "NATS_URL": nats_server.url, "S3_ENDPOINT_URL": s3.endpoint_url, "S3_BUCKET": "bench",
-                "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                "STORY_ADDR": f"127.0.0.1:{free_port()}", "IMAGE_ADDR": f"127.0.0.1:{free_port()}",
-                "CREDITS_ADDR": f"127.0.0.1:{free_port()}",
-                "CHARGE_RATE_PER_SECOND": "1000000000", "CHARGE_BURST": "1000000000",
-                "OPENAI_API_KEY": slow_provider.API_KEY, "OPENAI_BASE_URL": provider_url,
+                **jobs_scale.services_env(database_url, nats_server, s3, provider_url),
                 "JOB_CONCURRENCY": str(args.jobs), "JOB_MAX_ACK_PENDING": str(max(10_000, args.jobs * 2)),
-                "OUTBOX_POLL_INTERVAL_SECONDS": "0.5", "JOB_INTENT_SECONDS": "120",
+                "JOB_INTENT_SECONDS": "120",
             }  # fmt: skip
             credits = ServiceProcess("credits", env, work / "credits.log").start()
             processes.append(credits)

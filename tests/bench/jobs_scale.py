@@ -48,15 +48,8 @@ async def scale_out(args, *, read_when_written, fund, drained) -> list[Figure]:
                                       argv=[sys.executable, "-m", "tests.bench.slow_provider", str(url_file),
                                             str(PROVIDER_SECONDS)]).start()  # fmt: skip
             processes += [nats_server, s3, provider]
-            env = {
-                **base_env(database_url),
-                "NATS_URL": nats_server.url, "S3_ENDPOINT_URL": s3.endpoint_url, "S3_BUCKET": "bench",
-                "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                "STORY_ADDR": f"127.0.0.1:{free_port()}", "CREDITS_ADDR": f"127.0.0.1:{free_port()}",
-                "CHARGE_RATE_PER_SECOND": "1000000000", "CHARGE_BURST": "1000000000",
-                "OPENAI_API_KEY": slow_provider.API_KEY, "OPENAI_BASE_URL": await read_when_written(url_file),
-                "JOB_CONCURRENCY": str(CONCURRENCY), "OUTBOX_POLL_INTERVAL_SECONDS": "0.5",
-            }  # fmt: skip
+            env = {**services_env(database_url, nats_server, s3, await read_when_written(url_file)),
+                   "JOB_CONCURRENCY": str(CONCURRENCY)}  # fmt: skip
             credits = ServiceProcess("credits", env, work / "credits.log").start()
             processes.append(credits)
             await credits.wait_healthy(env["CREDITS_ADDR"])
@@ -83,6 +76,20 @@ async def scale_out(args, *, read_when_written, fund, drained) -> list[Figure]:
                      baseline_is="one image process, same backlog", provider_seconds=PROVIDER_SECONDS,
                      concurrency_per_process=CONCURRENCY, jobs=jobs),
     ]  # fmt: skip
+
+
+def services_env(database_url: str, nats_server, s3, provider_url: str) -> dict[str, str]:
+    """What the bench's credits and image processes start with (the jobs parts add to it)."""
+    return {
+        **base_env(database_url),
+        "NATS_URL": nats_server.url, "S3_ENDPOINT_URL": s3.endpoint_url, "S3_BUCKET": "bench",
+        "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+        "STORY_ADDR": f"127.0.0.1:{free_port()}", "IMAGE_ADDR": f"127.0.0.1:{free_port()}",
+        "CREDITS_ADDR": f"127.0.0.1:{free_port()}",
+        "CHARGE_RATE_PER_SECOND": "1000000000", "CHARGE_BURST": "1000000000",
+        "OPENAI_API_KEY": slow_provider.API_KEY, "OPENAI_BASE_URL": provider_url,
+        "OUTBOX_POLL_INTERVAL_SECONDS": "0.5",
+    }  # fmt: skip
 
 
 def _users(label: str) -> list[str]:
