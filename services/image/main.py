@@ -20,7 +20,7 @@ from services.image.handlers import ALLOWED_CALLERS, SERVICE_NAME, ImageServicer
 from services.image.image_urls import SignedObjects
 from services.image.jobs.credits_client import CreditsClient
 from services.image.jobs.domain import JobDeps, JobSettings
-from services.image.jobs.messaging import JobConsumerSettings, job_consumer, job_outbox_relay
+from services.image.jobs.messaging import JOB_OUTBOX, JobConsumerSettings, job_consumer, job_outbox_relay
 from services.image.jobs.worker import WorkerDeps, WorkerSettings, batched_renewals, run_job
 from services.image.lease import LeaseTiming
 from services.image.objects import ObjectStore, s3_client_config
@@ -39,8 +39,10 @@ from shared.auth import AuthInterceptor
 from shared.background import start_supervised
 from shared.change_feed import ChangeFeed
 from shared.db import close_pool, create_pool
+from shared.http_transport import ShardedTransport
 from shared.grpc_server import RunningServer, ServiceSpec, add_strictly_decoded, serve_main, start_grpc_server
 from shared.migrations import apply_migrations
+from shared.notices import Notices
 from shared.outbox import RelaySettings
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # lease renewals and the dead-letter consumer.
 JOB_POOL_CONNECTIONS = 16
 EXTRA_POOL_CONNECTIONS = 4
-# What the trigger of migration 0003 NOTIFYs on every change of a job.
+# What the service NOTIFYs after every change of a job (migration 0006).
 JOB_CHANGES_CHANNEL = "image_job_changes"
 # Every provider call of a job (at most 10), its statements and S3 and credits calls.
 JOB_STEPS_PER_DELIVERY = 60
@@ -66,10 +68,13 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     # One HTTP client for the process, so provider calls and downloads reuse connections;
     # redirects stay off because the downloader checks every hop itself.
     # Every job and portrait in flight may be waiting on a provider at once: httpx's default
-    # of 100 connections would queue the rest behind them.
-    limits = httpx.Limits(max_connections=config.jobs.concurrency + config.portrait_concurrency,
-                          max_keepalive_connections=100)  # fmt: skip
-    http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False, limits=limits))
+    # of 100 connections would queue the rest behind them. So many connections go in shards
+    # (shared/http_transport.py: httpcore's one pool costs O(connections^2) per request).
+    connections = config.jobs.concurrency + config.portrait_concurrency
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=100)
+    http = await stack.enter_async_context(
+        httpx.AsyncClient(follow_redirects=False, limits=limits, transport=ShardedTransport(max_connections=connections))
+    )
     timeouts = PortraitTimeouts(
         provider_seconds=config.portrait_provider_timeout_seconds,
         step_seconds=config.portrait_step_timeout_seconds,
@@ -136,6 +141,12 @@ async def _start_jobs(
     stack.push_async_callback(relay.close)  # runs after the relay task is cancelled
     stack.callback(relay.backlog_metrics().close)
     await start_supervised(stack, relay.run, "job-outbox-relay")
+    notices = await _start_notices(config, stack)
+
+    def queued() -> None:
+        relay.kick()
+        notices.notify(JOB_OUTBOX.channel)  # the other processes' relays
+
     step = config.portrait_step_timeout_seconds
     deps = JobDeps(
         pool=pool,
@@ -144,7 +155,8 @@ async def _start_jobs(
         objects=objects,
         settings=JobSettings(intent_seconds=settings.intent_seconds, step_seconds=step,
                              watch_max_seconds=settings.watch_max_seconds),  # fmt: skip
-        on_queued=relay.kick,
+        on_queued=queued,
+        on_changed=lambda job_id: notices.notify(JOB_CHANGES_CHANNEL, str(job_id)),
     )
     lease = LeaseTiming(seconds=settings.ack_wait_seconds + LEASE_MARGIN_SECONDS)
     worker = WorkerDeps(
@@ -178,6 +190,19 @@ async def _start_jobs(
     stack.push_async_callback(consumer.stop)
     stack.callback(consumer.metrics().close)
     return deps
+
+
+async def _start_notices(config: Config, stack: contextlib.AsyncExitStack) -> Notices:
+    """The jobs' NOTIFYs, sent after their commits on a connection of their own."""
+    pool = await create_pool(
+        config.database_url, min_size=1, max_size=1, application_name="casefile-image-notices",
+        connect_timeout=config.database_connect_timeout_seconds, reset_session_state=False,
+    )  # fmt: skip
+    stack.push_async_callback(close_pool, pool)
+    notices = Notices(pool, name="image-jobs")
+    stack.push_async_callback(notices.flush)  # after the sender stops: what the last writes handed over
+    await start_supervised(stack, notices.run, "job-notices")
+    return notices
 
 
 async def _open_lease_pool(config: Config, stack: contextlib.AsyncExitStack) -> asyncpg.Pool:

@@ -33,9 +33,14 @@ _S3_FAILURES = (
 
 _PRECONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412"})
 DEFAULT_TIMEOUT_SECONDS = 20.0
+# botocore's default of 10 queues a thousand jobs' uploads ten at a time.
+DEFAULT_POOL_CONNECTIONS = 64
 
 
-def s3_client_config(*, custom_endpoint: bool, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> AioConfig:
+def s3_client_config(
+    *, custom_endpoint: bool, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    max_pool_connections: int = DEFAULT_POOL_CONNECTIONS,
+) -> AioConfig:  # fmt: skip
     """Short timeouts and few retries: the pipelines retry through redelivery."""
     # botocore's defaults (60 s connect timeout, legacy retries) would hold a message for
     # minutes while S3 is down, longer than the consumer's ack wait.
@@ -44,6 +49,7 @@ def s3_client_config(*, custom_endpoint: bool, timeout_seconds: float = DEFAULT_
         connect_timeout=min(5, timeout_seconds),
         read_timeout=timeout_seconds,
         retries={"max_attempts": 2, "mode": "standard"},
+        max_pool_connections=max_pool_connections,
         # MinIO, moto and rclone on host:port need bucket-in-path URLs; AWS prefers its default.
         s3={"addressing_style": "path" if custom_endpoint else "auto"},
     )

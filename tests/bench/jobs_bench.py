@@ -5,6 +5,9 @@ Everything runs as real processes on loopback: a fresh database, a nats-server, 
 credits service, one image process, a fake provider answering in 2 s (its own process)
 and the bare grpc.aio echo server as the throughput baseline.
 
+Last, tests.bench.jobs_scale: one image process, then two, draining a backlog from a provider
+answering in 200 ms (the scale-out aim).
+
 The thousand jobs are created while the nats-server is stopped (they wait in the outbox,
 as they would during an outage), then NATS comes back and the one image process takes
 them all at once: every job is in flight together. The jobs' own timestamps say how long
@@ -29,7 +32,7 @@ from casefile.credits.v1 import credits_service_pb2 as credits_pb
 from casefile.credits.v1 import credits_service_pb2_grpc
 from casefile.image.v1 import image_service_pb2 as pb
 from casefile.image.v1 import image_service_pb2_grpc
-from tests.bench import echo_server, slow_provider
+from tests.bench import echo_server, jobs_scale
 from tests.bench.harness import AS_ADMIN, AS_GATEWAY, base_env, bench_database, calls_per_second, paired_rates
 from tests.bench.report import Figure, figure, ratio_figure
 from tools.infra import MotoS3Server, NatsServer, ServiceProcess, free_port, wait_for_tcp
@@ -51,11 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--jobs", type=int, default=1000, help="jobs in flight at once in the one image process")
     group.add_argument("--jobs-concurrency", type=int, default=16, help="CreateGenerationJob calls in flight")
     group.add_argument("--steady-rate", type=float, default=200.0, help="calls/s for the latency figures")
+    group.add_argument("--scale-jobs", type=int, default=400, help="backlog drained by one, then two image processes")
 
 
 async def run(args: argparse.Namespace) -> list[Figure]:
     work = Path(tempfile.mkdtemp(prefix="casefile-bench-jobs-"))
     processes: list = []
+    figures: list[Figure] = []
     async with bench_database() as database_url:
         try:
             nats_server = NatsServer(work / "nats", log_path=work / "nats.log").start()
@@ -67,15 +72,9 @@ async def run(args: argparse.Namespace) -> list[Figure]:
             processes += [nats_server, s3, provider]
             provider_url = await _read_when_written(url_file)
             env = {
-                **base_env(database_url),
-                "NATS_URL": nats_server.url, "S3_ENDPOINT_URL": s3.endpoint_url, "S3_BUCKET": "bench",
-                "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                "STORY_ADDR": f"127.0.0.1:{free_port()}", "IMAGE_ADDR": f"127.0.0.1:{free_port()}",
-                "CREDITS_ADDR": f"127.0.0.1:{free_port()}",
-                "CHARGE_RATE_PER_SECOND": "1000000000", "CHARGE_BURST": "1000000000",
-                "OPENAI_API_KEY": slow_provider.API_KEY, "OPENAI_BASE_URL": provider_url,
+                **jobs_scale.services_env(database_url, nats_server, s3, provider_url),
                 "JOB_CONCURRENCY": str(args.jobs), "JOB_MAX_ACK_PENDING": str(max(10_000, args.jobs * 2)),
-                "OUTBOX_POLL_INTERVAL_SECONDS": "0.5", "JOB_INTENT_SECONDS": "120",
+                "JOB_INTENT_SECONDS": "120",
             }  # fmt: skip
             credits = ServiceProcess("credits", env, work / "credits.log").start()
             processes.append(credits)
@@ -93,7 +92,6 @@ async def run(args: argparse.Namespace) -> list[Figure]:
                     sys.executable, "-m", "tests.bench.echo_server", str(echo_port), str(sample.ByteSize())]).start()  # fmt: skip
                 processes.append(echo)
                 await wait_for_tcp("127.0.0.1", echo_port, 15)
-                figures = []
                 # With NATS away the jobs created wait in the outbox: the rates and latencies
                 # measure the create path, not the workers painting what it queued.
                 nats_server.stop()
@@ -104,10 +102,10 @@ async def run(args: argparse.Namespace) -> list[Figure]:
                 nats_server.start()
                 for model, label in (("local/sketch", "local"), ("openai/dall-e-2", "provider_2s")):
                     figures += await _batch(stub, nats_server, database_url, image, model, label, args)
-                return figures
         finally:
             for process in reversed(processes):
                 process.terminate()
+    return figures + await jobs_scale.scale_out(args, read_when_written=_read_when_written, fund=_fund, drained=_drained)
 
 
 def _request(user_id: str, model: str = "local/sketch") -> pb.CreateGenerationJobRequest:

@@ -212,8 +212,11 @@ class JobDeps:
     objects: JobObjects
     settings: JobSettings = JobSettings()
     catalog: ModelCatalog = CATALOG
-    # Called after a commit that queued a message, so the local relay publishes at once.
+    # Called after a commit that made a queue message available, so the relays publish at once.
     on_queued: Callable[[], None] = lambda: None
+    # Called after a commit that changed a job, so its watchers (in every process) read it
+    # again. Not a trigger: a NOTIFY inside the transaction serializes commits (shared/notices.py).
+    on_changed: Callable[[uuid.UUID], None] = lambda _job_id: None
 
 
 # ---------------------------------------------------------------- what callers see
@@ -459,7 +462,7 @@ async def _intent_attempt(deps: JobDeps, checked: CheckedRequest, row: JobRow | 
     if replay is not None:
         return replay
     if row.status is JobStatus.ABANDONED:
-        revived = await _write(deps, storage.revive_intent, row.job_id, row.charge_attempt, deps.settings.intent_seconds)
+        revived = await _change(deps, storage.revive_intent, row.job_id, row.charge_attempt, deps.settings.intent_seconds)
         if revived:
             log.info("job.intent_revived", extra=_ids(checked, charge_attempt=row.charge_attempt + 1))
         return await _intent_attempt(deps, checked, await _read_row(deps, checked.job_id))
@@ -476,7 +479,7 @@ async def _charge(deps: JobDeps, checked: CheckedRequest, attempt: int) -> Charg
     except InsufficientCredits:
         # Credits remembers this refusal for this request_id, so every twin gets it too:
         # the intent ends here, and a later repeat charges under the next attempt.
-        await _write(deps, storage.drop_refused_intent, checked.job_id, attempt)
+        await _change(deps, storage.drop_refused_intent, checked.job_id, attempt)
         log.info("job.charge_refused", extra=_ids(checked, charge_attempt=attempt))
         raise
     except (ChargeRateLimited, CreditsUnavailable) as error:
@@ -487,7 +490,7 @@ async def _charge(deps: JobDeps, checked: CheckedRequest, attempt: int) -> Charg
 
 
 async def _commit(deps: JobDeps, checked: CheckedRequest, attempt: int, charged: Charged) -> Job | None:
-    row = await _write(deps, storage.commit_charged_job, checked.job_id, attempt, charged.charge_id, charged.balance)
+    row = await _change(deps, storage.commit_charged_job, checked.job_id, attempt, charged.charge_id, charged.balance)
     return Job(row, ()) if row is not None else None  # a job just made PENDING has no image yet
 
 
@@ -632,6 +635,8 @@ async def cancel_job(deps: JobDeps, *, job_id: str, user_id: str) -> Job:
     row, cancelled = outcome
     if not cancelled:
         raise JobAlreadyFinished(row.status)
+    deps.on_changed(parsed)
+    deps.on_queued()  # whatever the cancel's transaction queued leaves at once
     JOBS_CANCELLED.inc()
     log.info("job.cancelled", extra={"job_id": str(parsed), "user_id": user_id, "credits_refunded": row.credits_refunded})
     try:
@@ -718,6 +723,7 @@ async def delete_image(deps: JobDeps, *, image_id: str, user_id: str) -> None:
     await deps.objects.delete(slot.storage_id)
     await deps.credits.release_storage(user_id=user_id, size=slot.size_bytes, request_id=f"image:{parsed}:release")
     await _write(deps, storage.finish_image_deletion, parsed)
+    deps.on_changed(slot.job_id)
     log.info("job.image_deleted", extra={"image_id": str(parsed), "user_id": user_id, "storage_id": slot.storage_id})
 
 
@@ -785,6 +791,13 @@ async def _read_row(deps: JobDeps, job_id: uuid.UUID) -> JobRow | None:
 async def _write(deps: JobDeps, write: Any, *args: Any) -> Any:
     async with _connection(deps) as conn:
         return await write(conn, *args, timeout=deps.settings.step_seconds)
+
+
+async def _change(deps: JobDeps, write: Any, job_id: uuid.UUID, *args: Any) -> Any:
+    """A write that may change the job `job_id`; its watchers are told once it is committed."""
+    result = await _write(deps, write, job_id, *args)
+    deps.on_changed(job_id)
+    return result
 
 
 async def _job(deps: JobDeps, row: JobRow) -> Job:

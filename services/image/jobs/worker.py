@@ -122,6 +122,8 @@ async def _run(deps: WorkerDeps, job_id: uuid.UUID) -> Outcome:
         claim = await _write(deps, storage.claim_job, job_id, owner, deps.lease.seconds, deps.jobs.settings.intent_seconds)
     except _TRANSIENT as error:
         return retry(_describe(error))
+    if claim is not None and claim.claimed:
+        deps.jobs.on_changed(job_id)
     if claim is None:
         log.warning("job.message_orphaned", extra=ids)
         return ack("UNKNOWN_JOB")
@@ -365,6 +367,7 @@ async def _finish(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) ->
         first = failed[0].error or "failed"
         error = first if not delivered else f"{len(failed)} of {row.num_images} images failed: {first}"
     finished = await _must(deps, storage.finish_job, row.job_id, owner, status, error)
+    deps.jobs.on_queued()  # whatever the final write queued leaves at once
     JOBS_FINISHED.labels(status.value).inc()
     log.info("job.finished", extra={**ids, "status": status.value, "images_delivered": len(delivered),
                                     "credits_refunded": finished.credits_refunded, "error": error or None})  # fmt: skip
@@ -404,6 +407,7 @@ async def _must(deps: WorkerDeps, write: Any, *args: Any, **kwargs: Any) -> Any:
     if not result:
         log.warning("job.lease_lost", extra={"job_id": str(args[0]), "write": write.__name__})
         raise LeaseLost(f"{write.__name__}: the job is no longer ours")
+    deps.jobs.on_changed(args[0])
     return result
 
 
@@ -418,6 +422,7 @@ async def _read_slots(deps: WorkerDeps, job_id: uuid.UUID) -> list[SlotRow]:
 async def _release(deps: WorkerDeps, job_id: uuid.UUID, owner: uuid.UUID, *, retried: bool) -> None:
     try:
         await _write(deps, storage.release_job, job_id, owner, retried=retried)
+        deps.jobs.on_changed(job_id)
     except Exception as error:  # noqa: BLE001 - the lease then simply expires
         log.warning("job.release_failed", extra={"job_id": str(job_id), "error": _describe(error)})
 
