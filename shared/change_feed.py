@@ -56,6 +56,10 @@ class Subscription:
         self._feed = feed
         self._seen = watched.generation
 
+    @property
+    def closing(self) -> bool:
+        return self._feed.closing
+
     @staticmethod
     def now() -> float:
         return asyncio.get_running_loop().time()

@@ -142,6 +142,7 @@ class JobSettingsFromEnv:
     retry_backoff_seconds: tuple[float, ...]
     max_watchers: int
     watch_max_seconds: float
+    watch_recheck_seconds: float
     outbox_poll_interval_seconds: float
 
     @classmethod
@@ -162,6 +163,7 @@ class JobSettingsFromEnv:
             retry_backoff_seconds=backoff,
             max_watchers=env_int(env, "JOB_MAX_WATCHERS", 1000, minimum=1),
             watch_max_seconds=env_float(env, "JOB_WATCH_MAX_SECONDS", 900, minimum=0.1),
+            watch_recheck_seconds=env_float(env, "JOB_WATCH_RECHECK_SECONDS", 10, minimum=0.1),
             outbox_poll_interval_seconds=env_float(env, "OUTBOX_POLL_INTERVAL_SECONDS", 5.0, minimum=0.01),
         )
 

@@ -154,7 +154,8 @@ async def _start_jobs(
         models=router,
         objects=objects,
         settings=JobSettings(intent_seconds=settings.intent_seconds, step_seconds=step,
-                             watch_max_seconds=settings.watch_max_seconds),  # fmt: skip
+                             watch_max_seconds=settings.watch_max_seconds,
+                             watch_recheck_seconds=settings.watch_recheck_seconds),  # fmt: skip
         on_queued=queued,
         on_changed=lambda job_id: notices.notify(JOB_CHANGES_CHANNEL, str(job_id)),
     )

@@ -202,6 +202,8 @@ class JobSettings:
     intent_seconds: float = 60.0
     step_seconds: float = 10.0
     watch_max_seconds: float = 900.0
+    # How long a watcher trusts the change feed before reading the job anyway.
+    watch_recheck_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -610,12 +612,18 @@ async def watch_job(deps: JobDeps, changes: JobChanges, *, job_id: str, user_id:
         yield job
         deadline = subscription.now() + deps.settings.watch_max_seconds
         while not job.final:
-            changed = await subscription.wait(deadline - subscription.now())
-            latest = await subscription.current(lambda: get_job(deps, job_id=job_id, user_id=user_id))
+            left = deadline - subscription.now()
+            changed = await subscription.wait(min(left, deps.settings.watch_recheck_seconds))
+            if changed:
+                latest = await subscription.current(lambda: get_job(deps, job_id=job_id, user_id=user_id))
+            else:
+                # Notifications leave after the commit (shared/notices.py): one lost with a
+                # dying process costs a watcher at most this recheck, not the whole stream.
+                latest = await get_job(deps, job_id=job_id, user_id=user_id)
             if latest.row.update_time != job.row.update_time:
                 job = latest
                 yield job
-            if not changed:
+            if not changed and (subscription.closing or left <= deps.settings.watch_recheck_seconds):
                 return
     finally:
         await watching.__aexit__(None, None, None)

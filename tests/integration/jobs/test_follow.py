@@ -235,3 +235,28 @@ async def test_watchers_beyond_the_limit_are_told_to_come_back(serve, openai):
         while (reply := await first.read()) is not grpc.aio.EOF:
             last = reply.job.status
         assert last == pb.JOB_STATUS_COMPLETED
+
+
+async def test_a_change_nobody_announced_reaches_the_watcher_at_the_next_recheck(serve, openai):
+    """Announcements leave after the commit (shared/notices.py), so one can be lost with a
+    dying process; a watcher then still sees the change, within JOB_WATCH_RECHECK_SECONDS."""
+    openai.delay_seconds = 3.0
+    async with serve(OPENAI_API_KEY=openai.api_key, OPENAI_BASE_URL=openai.api_base_url,
+                     JOB_WATCH_RECHECK_SECONDS="0.3") as stack:  # fmt: skip
+        created = await stack.create("u1", model="openai/dall-e-2", width=256, height=256)
+        job_id = created.job.job_id
+        await eventually(lambda: stack.db.fetchval("SELECT status = 'PROCESSING' FROM image.jobs WHERE job_id = $1",
+                                                   uuid.UUID(job_id)), what="job running")  # fmt: skip
+        stream = stack.image.WatchGenerationJob(
+            pb.WatchGenerationJobRequest(job_id=job_id, user_id="u1"), metadata=stack.as_gateway, timeout=30
+        )
+        first = await stream.read()
+        # A change made behind the service's back: no NOTIFY goes with it.
+        await stack.db.execute("UPDATE image.jobs SET update_time = update_time + interval '1 ms' WHERE job_id = $1",
+                               uuid.UUID(job_id))  # fmt: skip
+        second = await asyncio.wait_for(stream.read(), timeout=2.5)
+
+        assert first.job.status == second.job.status == pb.JOB_STATUS_PROCESSING
+        assert second.job.update_time.ToNanoseconds() > first.job.update_time.ToNanoseconds()
+        stream.cancel()
+        await stack.final(job_id)
