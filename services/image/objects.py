@@ -146,6 +146,20 @@ class ObjectStore:
         except _S3_FAILURES as error:
             raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
 
+    async def get(self, key: str) -> bytes | None:
+        """The object's bytes; None when there is no such key."""
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                reply = await self._client.get_object(Bucket=self.bucket, Key=key)
+                async with reply["Body"] as body:
+                    return await body.read()
+        except botocore.exceptions.ClientError as error:
+            if _error_code(error) in _MISSING_CODES:
+                return None
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
+        except _S3_FAILURES as error:
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
+
     def _encryption(self, encrypted: bool) -> dict[str, str]:
         return {"ServerSideEncryption": self._server_side_encryption} if encrypted and self._server_side_encryption else {}
 

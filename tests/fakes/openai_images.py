@@ -59,6 +59,8 @@ class FakeOpenAIImages(ImageApiFake):
         # held previews back until the end would never see the final image.
         self.resume_stream: asyncio.Event | None = None
         self.multipart_fields: list[dict[str, Any]] = []
+        # Pictures answered so far: each call's pictures have a colour of their own.
+        self.pictures_made = 0
         self.hosted: dict[str, bytes] = {}
 
     @property
@@ -165,8 +167,9 @@ class FakeOpenAIImages(ImageApiFake):
         items = []
         for index in range(int(body.get("n", 1))):
             item: dict[str, Any] = {}
+            self.pictures_made += 1
             if model == "gpt-image-1" or body.get("response_format") == "b64_json":
-                item["b64_json"] = b64_png(width, height, (20 + index, 30, 40))
+                item["b64_json"] = b64_png(width, height, (20 + index, 30 + self.pictures_made % 200, 40))
             else:
                 name = f"{uuid.uuid4().hex}.png"
                 self.hosted[name] = png_of_size(width, height)
