@@ -104,7 +104,13 @@ class FakeOpenAIImages(ImageApiFake):
         image = fields.get("image") or fields.get("image[]")
         if not isinstance(image, bytes):
             return web.json_response(openai_error("Missing required parameter: 'image'.", param="image"), status=400)
+        if not _is_png(image):
+            return web.json_response(openai_error("Invalid image file or mode for image 1, please check your image file.",
+                                                  param="image"), status=400)  # fmt: skip
         mask = fields.get("mask")
+        if isinstance(mask, bytes) and (not _is_png(mask) or not _has_alpha(mask)):
+            return web.json_response(openai_error("Invalid mask image format - mask must be a PNG with an alpha channel.",
+                                                  param="mask"), status=400)  # fmt: skip
         if isinstance(mask, bytes) and _size(mask) != _size(image):
             return web.json_response(openai_error("Invalid mask image format - mask size does not match image size"),
                                      status=400)  # fmt: skip
@@ -250,3 +256,17 @@ def _dimensions(size: str) -> tuple[int, int]:
 def _size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as image:
         return image.size
+
+
+def _is_png(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            image.verify()
+    except Exception:  # noqa: BLE001 - Pillow raises many types for a corrupt file
+        return False
+    return True
+
+
+def _has_alpha(data: bytes) -> bool:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info

@@ -16,7 +16,7 @@ from casefile.image.v1 import image_service_pb2 as pb
 from tests.fakes.gemini import FakeGemini, inline_pictures
 from tests.fakes.openai_images import EDITS_PATH, FakeOpenAIImages
 
-from .helpers import JobsStack, charges_of, job_rows
+from .helpers import JobsStack, charges_of, eventually, job_rows
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -308,3 +308,35 @@ async def test_projects_and_canvases_list_and_count_only_the_users_jobs_with_the
     # The gateway sees a project only through a user's own jobs in it.
     details = await stack.refused("GetJobStats", pb.GetJobStatsRequest(project_id="p1"))
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT and details.fields == ("user_id",)
+
+
+# ---------------------------------------------------------------- faults
+
+
+async def test_s3_down_delays_an_edit_and_a_source_deleted_meanwhile_fails_it_unrefunded(
+    openai_stack: JobsStack, openai: FakeOpenAIImages
+):
+    stack = openai_stack
+    await stack.credits.grant("u1", 10_000, "grant-fault")
+    source = await _image_of(stack, width=96, height=64)
+    await stack.extra["s3_proxy"].cut()
+    created = await stack.create("u1", width=96, height=64, **_edit(source.image_id, pb.EDIT_OPERATION_RESTYLE))
+    # The worker cannot fetch the source: the job waits (redelivered), nothing is painted.
+    await eventually(lambda: _deliveries(stack, created.job.job_id, 3), what="retried deliveries")
+    assert (await stack.get(created.job.job_id)).status == pb.JOB_STATUS_PROCESSING
+    # The player deletes the source meanwhile (hidden at once; finished once S3 is back).
+    details = await stack.refused("DeleteImage", pb.DeleteImageRequest(image_id=source.image_id, user_id="u1"))
+    assert details.code == grpc.StatusCode.UNAVAILABLE
+
+    # The next delivery finds the source gone, with S3 still away: the job ends.
+    job = await stack.final(created.job.job_id, timeout=40)
+    await stack.extra["s3_proxy"].restore()
+    await stack.settled(job.job_id)
+    await stack.call("DeleteImage", pb.DeleteImageRequest(image_id=source.image_id, user_id="u1"))  # finished now
+    # The player's own doing: not refunded, as a content refusal is not.
+    assert job.status == pb.JOB_STATUS_FAILED and "deleted before the edit ran" in job.error_message
+    assert job.credits_refunded == 0 and job.images == []
+
+
+async def _deliveries(stack: JobsStack, job_id: str, at_least: int) -> bool:
+    return await stack.db.fetchval("SELECT deliveries FROM image.jobs WHERE job_id = $1", uuid.UUID(job_id)) >= at_least
