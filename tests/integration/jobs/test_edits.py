@@ -15,6 +15,7 @@ from PIL import Image
 from casefile.image.v1 import image_service_pb2 as pb
 from tests.fakes.gemini import FakeGemini, inline_pictures
 from tests.fakes.openai_images import EDITS_PATH, FakeOpenAIImages
+from tests.fakes.recraft import FakeRecraft
 
 from .helpers import JobsStack, charges_of, eventually, job_rows
 
@@ -340,3 +341,19 @@ async def test_s3_down_delays_an_edit_and_a_source_deleted_meanwhile_fails_it_un
 
 async def _deliveries(stack: JobsStack, job_id: str, at_least: int) -> bool:
     return await stack.db.fetchval("SELECT deliveries FROM image.jobs WHERE job_id = $1", uuid.UUID(job_id)) >= at_least
+
+
+async def test_a_recraft_job_records_its_credits_at_recrafts_unit_price(serve):
+    async with FakeRecraft(image_size=None) as recraft, serve(
+        RECRAFT_API_KEY=recraft.api_key, RECRAFT_BASE_URL=recraft.api_base_url, ALLOW_PRIVATE_DOWNLOADS="true"
+    ) as stack:  # fmt: skip
+        await stack.credits.grant("u1", 10_000, "grant-recraft")
+        created = await stack.create("u1", model="recraft/recraftv3", width=1024, height=1024, num_images=2,
+                                     project_id="p-recraft")  # fmt: skip
+        job = await stack.final(created.job.job_id)
+        assert job.status == pb.JOB_STATUS_COMPLETED, job.error_message
+        # The answer's `credits` (40 units a picture) at $1 per 1,000 units.
+        assert [request.json()["n"] for request in recraft.requests_to("/v1/images/generations")] == [2]
+        assert job.provider_cost_micros == 2 * 40 * 1000
+        stats = await stack.call("GetJobStats", pb.GetJobStatsRequest(user_id="u1", project_id="p-recraft"))
+        assert stats.provider_cost_micros == 80_000
