@@ -6,7 +6,6 @@ three jobs and a lone job are written the way that code wrote them, then 0004 is
 
 from __future__ import annotations
 
-import shutil
 import uuid
 
 import asyncpg
@@ -14,34 +13,15 @@ import pytest
 
 from services.image.main import MIGRATIONS_DIR
 from shared.migrations import apply_migrations
-from tests.conftest import run_async, unique_name
-from tools.infra import create_database, drop_database, dsn_with_database
+from tests.integration.old_schema import database_migrated_up_to
 
 OLD_MIGRATIONS = ("0001_portraits.sql", "0002_portrait_attempts_resume.sql", "0003_generation_jobs.sql")
 
 
 @pytest.fixture
 def old_database(postgres_admin_dsn, tmp_path):
-    name = unique_name("casefile_old_jobs")
-    run_async(create_database(postgres_admin_dsn, name))
-    old = tmp_path / "migrations"
-    old.mkdir()
-    for file in OLD_MIGRATIONS:
-        shutil.copy(MIGRATIONS_DIR / file, old / file)
-    dsn = dsn_with_database(postgres_admin_dsn, name)
-
-    async def migrate() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await apply_migrations(conn, "image", old)
-        finally:
-            await conn.close()
-
-    run_async(migrate())
-    try:
+    with database_migrated_up_to(postgres_admin_dsn, tmp_path, "image", MIGRATIONS_DIR, OLD_MIGRATIONS) as dsn:
         yield dsn
-    finally:
-        run_async(drop_database(postgres_admin_dsn, name))
 
 
 async def _old_job(conn: asyncpg.Connection, parent: uuid.UUID | None) -> uuid.UUID:

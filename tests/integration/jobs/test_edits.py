@@ -17,7 +17,9 @@ from tests.fakes.gemini import FakeGemini, inline_pictures
 from tests.fakes.openai_images import EDITS_PATH, FakeOpenAIImages
 from tests.fakes.recraft import FakeRecraft
 
-from .helpers import JobsStack, charges_of, eventually, job_rows
+from tests.polling import eventually
+
+from .helpers import JobsStack, charges_of, job_rows
 
 pytestmark = pytest.mark.timeout(120)
 
