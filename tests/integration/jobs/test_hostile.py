@@ -58,12 +58,13 @@ async def test_hostile_creates_never_fail_internally_and_keep_the_money_straight
 async def test_hostile_reads_cancels_and_deletes_never_fail_internally(stack: JobsStack):
     real = (await stack.create("u1")).job.job_id
 
-    async def check(job_id, user_id, status, page_size, page_token, project_id):
+    async def check(job_id, user_id, status, page_size, page_token, project_id, canvas_id, root_job_id):
         job_id = job_id or real
         await answer(stack.image.GetGenerationJob(pb.GetGenerationJobRequest(job_id=job_id, user_id=user_id),
                                                   metadata=stack.as_gateway))  # fmt: skip
         await answer(stack.image.ListGenerationJobs(
-            pb.ListGenerationJobsRequest(user_id=user_id, status=status, page_size=page_size, page_token=page_token),
+            pb.ListGenerationJobsRequest(user_id=user_id, status=status, page_size=page_size, page_token=page_token,
+                                         project_id=project_id, canvas_id=canvas_id, root_job_id=root_job_id),
             metadata=stack.as_gateway))  # fmt: skip
         await answer(stack.image.CancelGenerationJob(pb.CancelGenerationJobRequest(job_id=job_id, user_id=user_id),
                                                      metadata=stack.as_gateway))  # fmt: skip
@@ -77,6 +78,7 @@ async def test_hostile_reads_cancels_and_deletes_never_fail_internally(stack: Jo
     await fuzz(
         check, job_id=st.one_of(st.just(""), job_ids), user_id=ids, status=enums, page_size=int32,
         page_token=page_tokens, project_id=st.one_of(st.just(""), hostile_text),
+        canvas_id=st.one_of(st.just(""), hostile_text), root_job_id=st.one_of(st.just(""), st.just(real), job_ids),
     )  # fmt: skip
     assert uuid.UUID(real)
 
