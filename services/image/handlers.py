@@ -269,7 +269,8 @@ def job_to_proto(job: jobs.Job) -> pb.GenerationJob:
         quality=QUALITY_PROTO.get(Quality(row.quality), pb.QUALITY_UNSPECIFIED) if row.quality else pb.QUALITY_UNSPECIFIED,
         provider=row.provider or "",
         source_image_id=str(row.source_image_id) if row.source_image_id else "",
-        edit_operation=EDIT_OPERATION_PROTO[EditOperation(row.edit_operation)] if row.edit_operation else 0,
+        edit_operation=(EDIT_OPERATION_PROTO[EditOperation(row.edit_operation)] if row.edit_operation
+                        else pb.EDIT_OPERATION_UNSPECIFIED),  # fmt: skip
         canvas_id=row.canvas_id or "",
         provider_cost_micros=row.provider_cost_microdollars,
         root_job_id=str(row.root_job_id or row.job_id),
