@@ -77,8 +77,12 @@ async def start_grpc_server(
     services: Sequence[ServiceSpec],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     metrics_addr: str | None = None,
+    max_receive_bytes: int | None = None,
 ) -> RunningServer:
     """Serve `services` plus health and reflection on `listen_addr` (port 0: any free port).
+
+    `max_receive_bytes` raises gRPC's 4 MiB cap on a request, for a service whose requests
+    carry pictures: a field at its own limit must be refused by name, not by the transport.
 
     With `metrics_addr` (METRICS_ADDR) the process also serves Prometheus metrics there,
     and every RPC is counted and timed; without it neither costs anything.
@@ -86,7 +90,10 @@ async def start_grpc_server(
     if metrics_addr:
         # First, so that what later interceptors refuse is counted as well.
         interceptors = [RpcMetricsInterceptor(), *interceptors]
-    server = grpc.aio.server(interceptors=list(interceptors), options=_SERVER_OPTIONS)
+    options = _SERVER_OPTIONS
+    if max_receive_bytes is not None:
+        options = (*options, ("grpc.max_receive_message_length", max_receive_bytes))
+    server = grpc.aio.server(interceptors=list(interceptors), options=options)
     for service in services:
         service.register(server)
     health_servicer = health.aio.HealthServicer()

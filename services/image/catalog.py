@@ -100,6 +100,8 @@ class ModelSpec:
     # Price per image for each quality the model offers; empty when it offers no choice.
     quality_units: Mapping[Quality, int] = field(default_factory=dict)
     default_quality: Quality | None = None
+    # The vendor edits square sources only (dall-e-2): refused before the charge, not by the vendor.
+    square_edit_sources: bool = False
 
     @property
     def vendor(self) -> str:
@@ -244,6 +246,7 @@ OPENAI_DALL_E_2 = ModelSpec(
     max_images_per_call=10,
     # /images/edits (with a mask) and /images/variations.
     edit_operations=frozenset({EditOperation.INPAINT, EditOperation.VARIATION}),
+    square_edit_sources=True,
     max_prompt_chars=1000,
 )
 OPENAI_DALL_E_3 = ModelSpec(

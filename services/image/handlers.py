@@ -135,7 +135,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     async def ListGenerationJobs(self, request, context):
         page = await jobs.list_jobs(
             self._jobs, user_id=request.user_id, status=_status_filter(request.status), page_size=request.page_size,
-            page_token=request.page_token,
+            page_token=request.page_token, project_id=request.project_id, canvas_id=request.canvas_id,
+            root_job_id=request.root_job_id,
         )  # fmt: skip
         return pb.ListGenerationJobsResponse(jobs=[job_to_proto(job) for job in page.jobs], next_page_token=page.next_page_token)
 
@@ -166,7 +167,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
 
     @_refusing_errors
     async def GetJobStats(self, request, context):
-        stats = await jobs.job_stats(self._jobs, user_id=request.user_id, project_id=request.project_id)
+        stats = await jobs.job_stats(self._jobs, user_id=request.user_id, project_id=request.project_id,
+                                     every_owner=current_caller() == "admin")  # fmt: skip
         return pb.GetJobStatsResponse(
             counts=[pb.StatusCount(status=JOB_STATUS_PROTO[status], count=count) for status, count in stats.counts.items()],
             total_jobs=stats.total,
@@ -174,6 +176,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             credits_charged=stats.credits_charged,
             credits_refunded=stats.credits_refunded,
             average_processing_time_ms=stats.average_processing_time_ms,
+            provider_cost_micros=stats.provider_cost_microdollars,
         )
 
 
@@ -211,6 +214,11 @@ def job_request_from_proto(request: pb.CreateGenerationJobRequest) -> jobs.JobRe
         quality = _QUALITY_FROM_PROTO.get(request.quality)
         if quality is None:
             problems.append(("quality", f"unknown quality {request.quality}"))
+    operation = None
+    if request.edit_operation != pb.EDIT_OPERATION_UNSPECIFIED:
+        operation = _EDIT_OPERATION_FROM_PROTO.get(request.edit_operation)
+        if operation is None:
+            problems.append(("edit_operation", f"unknown edit operation {request.edit_operation}"))
     if problems:
         raise jobs.InvalidJobRequest(problems)
     return jobs.JobRequest(
@@ -226,8 +234,9 @@ def job_request_from_proto(request: pb.CreateGenerationJobRequest) -> jobs.JobRe
         project_id=request.project_id,
         parent_job_id=request.parent_job_id,
         source_image_id=request.source_image_id,
-        edit_operation_given=request.edit_operation != pb.EDIT_OPERATION_UNSPECIFIED,
+        edit_operation=operation,
         mask=request.mask,
+        canvas_id=request.canvas_id,
     )
 
 
@@ -259,6 +268,13 @@ def job_to_proto(job: jobs.Job) -> pb.GenerationJob:
         project_id=row.project_id or "",
         quality=QUALITY_PROTO.get(Quality(row.quality), pb.QUALITY_UNSPECIFIED) if row.quality else pb.QUALITY_UNSPECIFIED,
         provider=row.provider or "",
+        source_image_id=str(row.source_image_id) if row.source_image_id else "",
+        edit_operation=(EDIT_OPERATION_PROTO[EditOperation(row.edit_operation)] if row.edit_operation
+                        else pb.EDIT_OPERATION_UNSPECIFIED),  # fmt: skip
+        canvas_id=row.canvas_id or "",
+        provider_cost_micros=row.provider_cost_microdollars,
+        root_job_id=str(row.root_job_id or row.job_id),
+        chain_depth=row.chain_depth,
     )
     if row.complete_time is not None:
         message.complete_time.CopyFrom(_timestamp(row.complete_time))
@@ -286,6 +302,7 @@ EDIT_OPERATION_PROTO = {
     EditOperation.REMOVE_BACKGROUND: pb.EDIT_OPERATION_REMOVE_BACKGROUND,
     EditOperation.RESTYLE: pb.EDIT_OPERATION_RESTYLE,
 }
+_EDIT_OPERATION_FROM_PROTO = {number: operation for operation, number in EDIT_OPERATION_PROTO.items()}
 
 
 def model_proto(served: ServedModel) -> pb.Model:

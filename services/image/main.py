@@ -47,6 +47,8 @@ from shared.outbox import RelaySettings
 
 log = logging.getLogger(__name__)
 
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Connections beyond the painting slots: the jobs (each holds one only for a statement),
 # lease renewals and the dead-letter consumer.
@@ -119,6 +121,8 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         ],
         interceptors=[AuthInterceptor(config.auth_tokens.reveal(), ALLOWED_CALLERS)],
         metrics_addr=config.metrics_addr,
+        # A 4 MB inpaint mask and the rest of its request: past this gRPC refuses the call.
+        max_receive_bytes=MAX_REQUEST_BYTES,
     )
     server.on_stop.append(changes.end_watches)
     # Stopping twice is harmless; this covers callers (tests) that only close the stack.

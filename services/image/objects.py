@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import botocore.exceptions
@@ -17,6 +18,7 @@ from aiobotocore.config import AioConfig
 from services.image.errors import DependencyUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 _ALREADY_MINE_CODES = frozenset({"BucketAlreadyOwnedByYou"})
@@ -129,16 +131,11 @@ class ObjectStore:
         return True
 
     async def exists(self, key: str) -> bool:
-        try:
-            async with asyncio.timeout(self.timeout_seconds):
-                await self._client.head_object(Bucket=self.bucket, Key=key)
-        except botocore.exceptions.ClientError as error:
-            if _error_code(error) in _MISSING_CODES:
-                return False
-            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
-        except _S3_FAILURES as error:
-            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
-        return True
+        async def head() -> bool:
+            await self._client.head_object(Bucket=self.bucket, Key=key)
+            return True
+
+        return await self._on_key(head, when_missing=False)
 
     async def put(self, key: str, data: bytes, content_type: str, *, encrypted: bool = False) -> None:
         """Stores the object under `key`, replacing what is there: for callers whose key
@@ -152,20 +149,39 @@ class ObjectStore:
         except _S3_FAILURES as error:
             raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
 
+    async def get(self, key: str) -> bytes | None:
+        """The object's bytes; None when there is no such key."""
+
+        async def read() -> bytes | None:
+            reply = await self._client.get_object(Bucket=self.bucket, Key=key)
+            async with reply["Body"] as body:
+                return await body.read()
+
+        return await self._on_key(read, when_missing=None)
+
+    async def _on_key(self, call: Callable[[], Awaitable[T]], *, when_missing: T) -> T:
+        """`call` within the timeout: `when_missing` when S3 says the key is not there, and
+        DependencyUnavailable for whatever else S3 or the network raises."""
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                return await call()
+        except botocore.exceptions.ClientError as error:
+            if _error_code(error) in _MISSING_CODES:
+                return when_missing
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
+        except _S3_FAILURES as error:
+            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
+
     def _encryption(self, encrypted: bool) -> dict[str, str]:
         return {"ServerSideEncryption": self._server_side_encryption} if encrypted and self._server_side_encryption else {}
 
     async def delete(self, key: str) -> None:
         """Removes the object; a key that is not there is already what was asked."""
-        try:
-            async with asyncio.timeout(self.timeout_seconds):
-                await self._client.delete_object(Bucket=self.bucket, Key=key)
-        except botocore.exceptions.ClientError as error:
-            if _error_code(error) in _MISSING_CODES:
-                return
-            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
-        except _S3_FAILURES as error:
-            raise DependencyUnavailable(f"object storage: {_describe(error)}") from error
+
+        async def delete() -> None:
+            await self._client.delete_object(Bucket=self.bucket, Key=key)
+
+        await self._on_key(delete, when_missing=None)
 
     async def presigned_get_url(self, key: str, expires_in: int) -> str:
         # Signing is local computation; no request reaches S3 here.

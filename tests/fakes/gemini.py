@@ -8,11 +8,15 @@ usageMetadata (1290 image tokens a picture); errors {"error": {"code", "message"
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import uuid
 from collections import deque
 from typing import Any
 
 from aiohttp import web
+from PIL import Image
 
 from tests.fakes.image_api import ImageApiFake, b64_png
 
@@ -51,6 +55,9 @@ class FakeGemini(ImageApiFake):
         self.api_key = api_key
         # Scripted 200 answers that are not pictures: "blocked", "image_safety", "text_only".
         self.refusals: deque[str] = deque()
+        # Pictures made so far: each answer's picture has a colour of its own, so a test can
+        # tell which earlier picture a conversation sent back.
+        self.pictures_made = 0
 
     @property
     def api_base_url(self) -> str:
@@ -85,6 +92,9 @@ class FakeGemini(ImageApiFake):
         contents = body.get("contents")
         if not isinstance(contents, list) or not contents:
             return web.json_response(google_error(400, "INVALID_ARGUMENT", "contents is not specified"), status=400)
+        problem = contents_problem(contents)
+        if problem is not None:
+            return web.json_response(google_error(400, "INVALID_ARGUMENT", problem), status=400)
         config = body.get("generationConfig") or {}
         ratio = (config.get("imageConfig") or {}).get("aspectRatio", "1:1")
         if ratio not in ASPECT_SIZES:
@@ -92,8 +102,9 @@ class FakeGemini(ImageApiFake):
         if self.refusals:
             return web.json_response(self._refusal(self.refusals.popleft()))
         width, height = ASPECT_SIZES[ratio]
+        self.pictures_made += 1
         parts = [{"text": "Here is the picture you asked for."},
-                 {"inlineData": {"mimeType": "image/png", "data": b64_png(width, height)}}]  # fmt: skip
+                 {"inlineData": {"mimeType": "image/png", "data": b64_png(width, height, picture_colour(self.pictures_made))}}]  # fmt: skip
         return web.json_response(self._answer(parts, "STOP", contents))
 
     def _refusal(self, kind: str) -> dict[str, Any]:
@@ -121,3 +132,53 @@ class FakeGemini(ImageApiFake):
             "modelVersion": MODEL,
             "responseId": uuid.uuid4().hex,
         }
+
+
+def picture_colour(number: int) -> tuple[int, int, int]:
+    """The colour of the fake's `number`th picture (1, 2, ...)."""
+    return (90, 20 + number % 200, 30)
+
+
+def contents_problem(contents: list) -> str | None:
+    """What Gemini refuses in `contents`, in its words: each a {"role", "parts"} with text or
+    inlineData (base64 of an image) parts; a conversation alternates user and model turns,
+    starting and ending with the user."""
+    roles = []
+    for content in contents:
+        if not isinstance(content, dict) or not isinstance(content.get("parts"), list) or not content["parts"]:
+            return "* GenerateContentRequest.contents: contents.parts must not be empty."
+        role = content.get("role", "user")
+        if role not in ("user", "model"):
+            return f"Please use a valid role: user, model. Got {role!r}."
+        roles.append(role)
+        for part in content["parts"]:
+            problem = _part_problem(part)
+            if problem is not None:
+                return problem
+    if roles[-1] != "user":
+        return "Please ensure that single turn requests end with a user role or the role field is empty."
+    if roles[0] != "user" or any(first == second for first, second in zip(roles, roles[1:], strict=False)):
+        return "Please ensure that multiturn requests alternate between user and model."
+    return None
+
+
+def _part_problem(part: object) -> str | None:
+    if not isinstance(part, dict) or len(part) != 1:
+        return "* GenerateContentRequest.contents.parts: a part holds exactly one of text or inlineData."
+    if "text" in part:
+        return None if isinstance(part["text"], str) else "* GenerateContentRequest.contents.parts.text: must be a string"
+    inline = part.get("inlineData")
+    if not isinstance(inline, dict) or not str(inline.get("mimeType", "")).startswith("image/"):
+        return "* GenerateContentRequest.contents.parts: unsupported part (text or inlineData with an image mimeType)."
+    try:
+        data = base64.b64decode(inline.get("data", ""), validate=True)
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (binascii.Error, ValueError, OSError):
+        return "Unable to process input image. Please retry or report in https://developers.generativeai.google/guide/troubleshooting"
+    return None
+
+
+def inline_pictures(content: dict) -> list[bytes]:
+    """The decoded pictures of one content of a request the fake received."""
+    return [base64.b64decode(part["inlineData"]["data"]) for part in content["parts"] if "inlineData" in part]

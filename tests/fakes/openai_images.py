@@ -59,6 +59,8 @@ class FakeOpenAIImages(ImageApiFake):
         # held previews back until the end would never see the final image.
         self.resume_stream: asyncio.Event | None = None
         self.multipart_fields: list[dict[str, Any]] = []
+        # Pictures answered so far: each call's pictures have a colour of their own.
+        self.pictures_made = 0
         self.hosted: dict[str, bytes] = {}
 
     @property
@@ -102,7 +104,13 @@ class FakeOpenAIImages(ImageApiFake):
         image = fields.get("image") or fields.get("image[]")
         if not isinstance(image, bytes):
             return web.json_response(openai_error("Missing required parameter: 'image'.", param="image"), status=400)
+        if not _is_png(image):
+            return web.json_response(openai_error("Invalid image file or mode for image 1, please check your image file.",
+                                                  param="image"), status=400)  # fmt: skip
         mask = fields.get("mask")
+        if isinstance(mask, bytes) and (not _is_png(mask) or not _has_alpha(mask)):
+            return web.json_response(openai_error("Invalid mask image format - mask must be a PNG with an alpha channel.",
+                                                  param="mask"), status=400)  # fmt: skip
         if isinstance(mask, bytes) and _size(mask) != _size(image):
             return web.json_response(openai_error("Invalid mask image format - mask size does not match image size"),
                                      status=400)  # fmt: skip
@@ -165,8 +173,9 @@ class FakeOpenAIImages(ImageApiFake):
         items = []
         for index in range(int(body.get("n", 1))):
             item: dict[str, Any] = {}
+            self.pictures_made += 1
             if model == "gpt-image-1" or body.get("response_format") == "b64_json":
-                item["b64_json"] = b64_png(width, height, (20 + index, 30, 40))
+                item["b64_json"] = b64_png(width, height, (20 + index, 30 + self.pictures_made % 200, 40))
             else:
                 name = f"{uuid.uuid4().hex}.png"
                 self.hosted[name] = png_of_size(width, height)
@@ -247,3 +256,17 @@ def _dimensions(size: str) -> tuple[int, int]:
 def _size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as image:
         return image.size
+
+
+def _is_png(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            image.verify()
+    except Exception:  # noqa: BLE001 - Pillow raises many types for a corrupt file
+        return False
+    return True
+
+
+def _has_alpha(data: bytes) -> bool:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info

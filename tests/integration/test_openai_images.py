@@ -214,7 +214,7 @@ async def test_a_slow_answer_times_out_as_transient(openai):
 
 
 async def test_gpt_image_1_inpaints_with_the_mask_in_a_multipart_edit(openai):
-    source, mask = png_of_size(1024, 1024), png_of_size(1024, 1024, (0, 0, 0))
+    source, mask = png_of_size(1024, 1024), _transparent_png(1024, 1024)  # OpenAI reads the mask's alpha
     edit = EditInstructions(EditOperation.INPAINT, ImageInput(source), mask=mask)
     result = await client_for(openai).generate(request("openai/gpt-image-1", edit=edit))
 
@@ -282,3 +282,9 @@ async def test_the_key_never_reaches_logs_or_reprs(openai, caplog):
 
 async def _ignore(preview) -> None:
     return None
+
+
+def _transparent_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (width, height), (0, 0, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import uuid
 
 import asyncpg
@@ -22,11 +21,9 @@ from services.story.difficulty import story_typing_difficulty
 from services.story.main import MIGRATIONS, build
 from services.story.model import Chapter
 from shared.auth import bearer_metadata
-from shared.migrations import apply_migrations
 from tests.case_files import case_file
-from tests.conftest import run_async, unique_name
+from tests.integration.old_schema import database_migrated_up_to
 from tests.integration.test_story_service import story_config
-from tools.infra import create_database, drop_database, dsn_with_database
 
 GATEWAY = bearer_metadata("t-gateway")
 IMAGE = bearer_metadata("t-image")
@@ -40,26 +37,8 @@ OLD_CHAPTERS = [
 @pytest.fixture
 def old_database(postgres_admin_dsn, tmp_path):
     """A database whose story schema is as the code before 0003 left it."""
-    name = unique_name("casefile_old")
-    run_async(create_database(postgres_admin_dsn, name))
-    old = tmp_path / "migrations"
-    old.mkdir()
-    for file in OLD_MIGRATIONS:
-        shutil.copy(MIGRATIONS / file, old / file)
-    dsn = dsn_with_database(postgres_admin_dsn, name)
-
-    async def migrate() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await apply_migrations(conn, "story", old)
-        finally:
-            await conn.close()
-
-    run_async(migrate())
-    try:
+    with database_migrated_up_to(postgres_admin_dsn, tmp_path, "story", MIGRATIONS, OLD_MIGRATIONS) as dsn:
         yield dsn
-    finally:
-        run_async(drop_database(postgres_admin_dsn, name))
 
 
 async def write_old_story(dsn: str) -> str:

@@ -37,15 +37,24 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
 
-from services.image.catalog import CATALOG, MAX_IMAGES_PER_JOB, ModelCatalog, Quality, UnsupportedRequest, price_units
+from services.image.catalog import (
+    CATALOG,
+    MAX_IMAGES_PER_JOB,
+    EditOperation,
+    ModelCatalog,
+    Quality,
+    UnsupportedRequest,
+    price_units,
+)
 from services.image.errors import DependencyUnavailable
-from services.image.jobs import storage
+from services.image.jobs import edits, storage
 from services.image.jobs.metrics import JOBS_CANCELLED, JOBS_CREATED, count_refund
 from services.image.jobs.storage import JobRow, JobStatus, SlotRow, SlotStatus
+from services.image.providers.pictures import mask_problem
 from shared.change_feed import WatcherLimitReached
 from shared.validation import id_problem, optional_id_problem, text_problem
 
@@ -92,6 +101,22 @@ class JobNotFound(JobError):
 class ImageNotFound(JobError):
     def __init__(self) -> None:
         super().__init__("image_id: no such image for this user")
+
+
+class ParentJobNotFound(JobNotFound):
+    """parent_job_id names no job of this user's (ErrorInfo metadata `field` says which id)."""
+
+    def __init__(self) -> None:
+        JobError.__init__(self, "parent_job_id: no such job for this user; nothing was charged")
+        self.metadata = {"field": "parent_job_id"}
+
+
+class SourceImageNotFound(ImageNotFound):
+    """source_image_id names no image of this user's."""
+
+    def __init__(self) -> None:
+        JobError.__init__(self, "source_image_id: no such image for this user; nothing was charged")
+        self.metadata = {"field": "source_image_id"}
 
 
 class JobAlreadyFinished(JobError):
@@ -189,6 +214,7 @@ class Models(Protocol):
 
 class JobObjects(Protocol):
     async def put(self, key: str, data: bytes, content_type: str, *, encrypted: bool = False) -> None: ...
+    async def get(self, key: str) -> bytes | None: ...
     async def delete(self, key: str) -> None: ...
 
 
@@ -277,8 +303,9 @@ class JobRequest:
     parent_job_id: str = ""
     # Fields of EDIT jobs (issue 9); a GENERATE job must leave them empty.
     source_image_id: str = ""
-    edit_operation_given: bool = False
+    edit_operation: EditOperation | None = None
     mask: bytes = b""
+    canvas_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -295,6 +322,8 @@ class JobStats:
     credits_charged: int
     credits_refunded: int
     average_processing_time_ms: int
+    # What the providers say the jobs cost us, in millionths of a dollar.
+    provider_cost_microdollars: int = 0
 
 
 # ---------------------------------------------------------------- create
@@ -326,6 +355,9 @@ class CheckedRequest:
     price: int
     digest: str
     parent_job_id: uuid.UUID | None
+    # Set by the checks against the database (_place): the job's chain and its source.
+    lineage: edits.Lineage | None = None
+    source_image_id: uuid.UUID | None = None
 
 
 def check_request(request: JobRequest, models: Models, catalog: ModelCatalog = CATALOG) -> CheckedRequest:
@@ -349,23 +381,29 @@ def check_request(request: JobRequest, models: Models, catalog: ModelCatalog = C
 
 
 def _field_problems(request: JobRequest) -> list[tuple[str, str]]:
+    prompt_required = request.kind is not JobKind.EDIT or request.edit_operation not in edits.OPERATIONS_WITHOUT_PROMPT
     checks = [
         ("user_id", id_problem(request.user_id)),
         ("request_id", id_problem(request.request_id)),
-        ("prompt", text_problem(request.prompt, max_chars=MAX_PROMPT_CHARS, allowed_controls="\n\t")),
+        ("prompt", text_problem(request.prompt, max_chars=MAX_PROMPT_CHARS, allowed_controls="\n\t",
+                                required=prompt_required)),  # fmt: skip
         ("model", id_problem(request.model)),
         ("num_images", None if 1 <= request.num_images <= MAX_IMAGES_PER_JOB else f"must be 1 to {MAX_IMAGES_PER_JOB}"),
         ("width", None if request.width > 0 else "must be positive"),
         ("height", None if request.height > 0 else "must be positive"),
         ("project_id", optional_id_problem(request.project_id)),
         ("parent_job_id", _optional_uuid_problem(request.parent_job_id)),
+        ("canvas_id", optional_id_problem(request.canvas_id)),
     ]
     if request.kind is JobKind.EDIT:
-        checks.append(("kind", "EDIT jobs are not offered yet; send GENERATE"))
+        checks += edits.edit_field_problems(
+            source_image_id=request.source_image_id, operation=request.edit_operation, mask=request.mask,
+            parent_job_id=request.parent_job_id,
+        )  # fmt: skip
     else:
         checks += [
             ("source_image_id", "only EDIT jobs take a source image" if request.source_image_id else None),
-            ("edit_operation", "only EDIT jobs take an edit operation" if request.edit_operation_given else None),
+            ("edit_operation", "only EDIT jobs take an edit operation" if request.edit_operation else None),
             ("mask", "only EDIT jobs take a mask" if request.mask else None),
         ]
     return [(name, problem) for name, problem in checks if problem is not None]
@@ -376,6 +414,7 @@ def _model_problems(request: JobRequest, models: Models, catalog: ModelCatalog) 
         catalog.check(
             request.model, width=request.width, height=request.height, num_images=request.num_images,
             quality=request.quality, prompt=request.prompt,
+            operation=request.edit_operation if request.kind is JobKind.EDIT else None,
         )  # fmt: skip
         models.provider_for(request.model)
     except UnsupportedRequest as error:
@@ -399,6 +438,13 @@ def _digest(request: JobRequest) -> str:
         "num_images": request.num_images, "quality": request.quality.value if request.quality else None,
         "kind": request.kind.value, "project_id": request.project_id, "parent_job_id": request.parent_job_id,
     }  # fmt: skip
+    # The editor's fields join only when given, so requests made before they existed keep their digests.
+    editor = {
+        "source_image_id": request.source_image_id, "canvas_id": request.canvas_id,
+        "edit_operation": request.edit_operation.value if request.edit_operation else "",
+        "mask": hashlib.sha256(request.mask).hexdigest() if request.mask else "",
+    }  # fmt: skip
+    arguments.update({name: value for name, value in editor.items() if value})
     return hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
 
 
@@ -423,7 +469,7 @@ async def _create(deps: JobDeps, request: JobRequest) -> Created:
         if replay is not None:
             return replay
     else:
-        await _check_parent(deps, checked)
+        checked = await _place(deps, checked, await _check_parent(deps, checked))
     _check_storage_quota(account)
     # Each pass either answers or sees a change a twin made (an insert, a commit, a
     # revival), so a few passes always suffice.
@@ -498,6 +544,7 @@ async def _commit(deps: JobDeps, checked: CheckedRequest, attempt: int, charged:
 
 def checked_row(checked: CheckedRequest) -> storage.NewJob:
     request = checked.request
+    lineage = checked.lineage
     return storage.NewJob(
         job_id=checked.job_id,
         user_id=request.user_id,
@@ -514,15 +561,53 @@ def checked_row(checked: CheckedRequest) -> storage.NewJob:
         parent_job_id=checked.parent_job_id,
         unit_price=checked.unit_price,
         credits_charged=checked.price,
+        source_image_id=checked.source_image_id,
+        edit_operation=request.edit_operation.value if request.kind is JobKind.EDIT and request.edit_operation else None,
+        canvas_id=request.canvas_id or None,
+        root_job_id=lineage.root_job_id if lineage else checked.job_id,
+        chain_depth=lineage.chain_depth if lineage else 0,
+        mask=request.mask or None,
     )
 
 
-async def _check_parent(deps: JobDeps, checked: CheckedRequest) -> None:
+async def _check_parent(deps: JobDeps, checked: CheckedRequest) -> JobRow | None:
     if checked.parent_job_id is None:
-        return
+        return None
     parent = await _read_row(deps, checked.parent_job_id)
     if parent is None or parent.user_id != checked.request.user_id or parent.status not in storage.VISIBLE_STATUSES:
-        raise InvalidJobRequest([("parent_job_id", "no such job for this user")])
+        raise ParentJobNotFound()
+    return parent
+
+
+async def _place(deps: JobDeps, checked: CheckedRequest, parent: JobRow | None) -> CheckedRequest:
+    """The checks that read the database, before the charge: the chain's depth, and for an
+    EDIT its source (the user's own image) and the mask against the source's size."""
+    lineage = edits.lineage_under(parent, checked.job_id)
+    if isinstance(lineage, str):
+        raise InvalidJobRequest([("parent_job_id", lineage)])
+    request = checked.request
+    if request.kind is not JobKind.EDIT:
+        return replace(checked, lineage=lineage)
+    if request.source_image_id:
+        async with _connection(deps) as conn:
+            source = await storage.user_image(conn, uuid.UUID(request.source_image_id), request.user_id,
+                                              timeout=deps.settings.step_seconds)  # fmt: skip
+        if source is None:
+            raise SourceImageNotFound()
+    else:  # the edit continues from the parent's picture
+        assert parent is not None
+        async with _connection(deps) as conn:
+            source = await storage.first_image(conn, parent.job_id, timeout=deps.settings.step_seconds)
+        if source is None:
+            raise InvalidJobRequest([("source_image_id", "the parent job has no image (yet): name the image to edit")])
+    problem = edits.source_problem(deps.catalog.get(request.model), source)
+    if problem is not None:
+        raise InvalidJobRequest([("source_image_id", problem)])
+    if request.mask:
+        problem = await asyncio.to_thread(mask_problem, request.mask, source.width, source.height)
+        if problem is not None:
+            raise InvalidJobRequest([("mask", problem)])
+    return replace(checked, lineage=lineage, source_image_id=source.image_id)
 
 
 def _check_storage_quota(account: Account) -> None:
@@ -559,38 +644,59 @@ async def get_job(deps: JobDeps, *, job_id: str, user_id: str) -> Job:
 
 
 async def list_jobs(
-    deps: JobDeps, *, user_id: str, status: JobStatus | None, page_size: int, page_token: str
-) -> JobPage:
+    deps: JobDeps, *, user_id: str, status: JobStatus | None, page_size: int, page_token: str,
+    project_id: str = "", canvas_id: str = "", root_job_id: str = "",
+) -> JobPage:  # fmt: skip
+    """The user's jobs, newest first; project_id, canvas_id and root_job_id (a whole edit
+    chain) narrow them, and only ever to jobs the user owns."""
     _check_user(user_id)
+    problems = [(name, optional_id_problem(value)) for name, value in (("project_id", project_id), ("canvas_id", canvas_id))]
+    problems.append(("root_job_id", _optional_uuid_problem(root_job_id)))
+    problems = [(name, problem) for name, problem in problems if problem]
+    if problems:
+        raise InvalidJobRequest(problems)
+    where = storage.JobFilter(status, project_id or None, canvas_id or None, uuid.UUID(root_job_id) if root_job_id else None)
     if page_size < 0:
         raise InvalidJobRequest([("page_size", "must not be negative")])
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    after = _decode_page_token(page_token, user_id, status)
+    scope = _list_scope(where)
+    after = _decode_page_token(page_token, user_id, scope)
     async with _connection(deps) as conn:
-        rows = await storage.list_jobs(conn, user_id, status, after, size + 1, timeout=deps.settings.step_seconds)
+        rows = await storage.list_jobs(conn, user_id, status, after, size + 1, timeout=deps.settings.step_seconds,
+                                       where=where)  # fmt: skip
         images = await storage.delivered_images(conn, [row.job_id for row in rows[:size]],
                                                 timeout=deps.settings.step_seconds)  # fmt: skip
     jobs = tuple(Job(row, _images(images.get(row.job_id, ()))) for row in rows[:size])
-    token = _encode_page_token(rows[size - 1], user_id, status) if len(rows) > size else ""
+    token = _encode_page_token(rows[size - 1], user_id, scope) if len(rows) > size else ""
     return JobPage(jobs, token)
 
 
-def _page_key(user_id: str, status: JobStatus | None) -> str:
+def _list_scope(where: storage.JobFilter) -> str:
+    """The filters a page token is bound to (just the status when nothing else narrows the
+    list, so tokens handed out before the other filters existed still work)."""
+    scope = str(where.status or "")
+    narrowed = (where.project_id, where.canvas_id, where.root_job_id)
+    if any(value is not None for value in narrowed):
+        scope += "\x1f" + json.dumps([None if value is None else str(value) for value in narrowed])
+    return scope
+
+
+def _page_key(user_id: str, scope: str) -> str:
     # Binds a token to the list it came from: another user's or another filter's is refused.
-    return hashlib.sha256(f"{user_id}\x1f{status or ''}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{user_id}\x1f{scope}".encode()).hexdigest()[:16]
 
 
-def _encode_page_token(row: JobRow, user_id: str, status: JobStatus | None) -> str:
-    raw = json.dumps({"k": _page_key(user_id, status), "t": row.create_time.isoformat(), "j": str(row.job_id)})
+def _encode_page_token(row: JobRow, user_id: str, scope: str) -> str:
+    raw = json.dumps({"k": _page_key(user_id, scope), "t": row.create_time.isoformat(), "j": str(row.job_id)})
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _decode_page_token(token: str, user_id: str, status: JobStatus | None) -> tuple[datetime, uuid.UUID] | None:
+def _decode_page_token(token: str, user_id: str, scope: str) -> tuple[datetime, uuid.UUID] | None:
     if not token:
         return None
     try:
         raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        if raw["k"] != _page_key(user_id, status):
+        if raw["k"] != _page_key(user_id, scope):
             raise ValueError("another list's token")
         return datetime.fromisoformat(raw["t"]), uuid.UUID(raw["j"])
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError, AttributeError):
@@ -741,11 +847,15 @@ async def user_owns_image(deps: JobDeps, *, user_id: str, storage_id: str) -> bo
         return await storage.user_has_image(conn, user_id, storage_id, timeout=deps.settings.step_seconds)
 
 
-async def job_stats(deps: JobDeps, *, user_id: str, project_id: str) -> JobStats:
+async def job_stats(deps: JobDeps, *, user_id: str, project_id: str, every_owner: bool = False) -> JobStats:
+    """Per user, per project (the user's jobs in it), or with `every_owner` (operators only)
+    a whole project across its users."""
     problems = [("user_id", optional_id_problem(user_id)), ("project_id", optional_id_problem(project_id))]
     problems = [(name, problem) for name, problem in problems if problem]
     if not user_id and not project_id:
         problems.append(("user_id", "give a user_id, a project_id, or both"))
+    elif not user_id and not every_owner:
+        problems.append(("user_id", "required: a project's statistics show only the user's own jobs in it"))
     if problems:
         raise InvalidJobRequest(problems)
     async with _connection(deps) as conn:
@@ -759,6 +869,7 @@ async def job_stats(deps: JobDeps, *, user_id: str, project_id: str) -> JobStats
         credits_charged=totals.credits_charged,
         credits_refunded=totals.credits_refunded,
         average_processing_time_ms=totals.average_processing_time_ms,
+        provider_cost_microdollars=totals.provider_cost_microdollars,
     )
 
 

@@ -70,6 +70,13 @@ class NewJob:
     parent_job_id: uuid.UUID | None
     unit_price: int
     credits_charged: int
+    # The editor's fields (0004_edit_jobs.sql); a GENERATE job leaves them empty.
+    source_image_id: uuid.UUID | None = None
+    edit_operation: str | None = None
+    canvas_id: str | None = None
+    root_job_id: uuid.UUID | None = None
+    chain_depth: int = 0
+    mask: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,10 @@ class JobRow:
     update_time: datetime
     start_time: datetime | None
     complete_time: datetime | None
+    # The first job of its chain (itself when it has no parent; None only for a row written
+    # by a process older than 0004_edit_jobs.sql), and how many parents lie between.
+    root_job_id: uuid.UUID | None
+    chain_depth: int
 
 
 @dataclass(frozen=True)
@@ -280,6 +291,16 @@ async def commit_charged_job(
 # ---------------------------------------------------------------- reads
 
 
+@dataclass(frozen=True)
+class JobFilter:
+    """What ListGenerationJobs narrows the user's jobs to; None leaves a field open."""
+
+    status: JobStatus | None = None
+    project_id: str | None = None
+    canvas_id: str | None = None
+    root_job_id: uuid.UUID | None = None
+
+
 async def list_jobs(
     conn: asyncpg.Connection,
     user_id: str,
@@ -288,14 +309,21 @@ async def list_jobs(
     limit: int,
     *,
     timeout: float,
+    where: JobFilter | None = None,
 ) -> list[JobRow]:
+    """The user's jobs, newest first (only ever theirs: a project, canvas or chain filter
+    narrows them, it never widens them to another user's)."""
     after_time, after_id = after if after else (None, None)
+    where = where or JobFilter()
     records = await conn.fetch(
         f"""
         SELECT {_JOB_COLUMNS} FROM image.jobs j
          WHERE j.user_id = $1 AND j.status IN {_VISIBLE_SQL}
            AND ($2::text IS NULL OR j.status = $2)
            AND ($3::timestamptz IS NULL OR (j.create_time, j.job_id) < ($3, $4::uuid))
+           AND ($6::text IS NULL OR j.project_id = $6)
+           AND ($7::text IS NULL OR j.canvas_id = $7)
+           AND ($8::uuid IS NULL OR coalesce(j.root_job_id, j.job_id) = $8)
          ORDER BY j.create_time DESC, j.job_id DESC
          LIMIT $5
         """,
@@ -304,6 +332,9 @@ async def list_jobs(
         after_time,
         after_id,
         limit,
+        where.project_id,
+        where.canvas_id,
+        where.root_job_id,
         timeout=timeout,
     )
     return [_job(record) for record in records]  # type: ignore[misc]
@@ -361,6 +392,7 @@ class StatsTotals:
     credits_charged: int
     credits_refunded: int
     average_processing_time_ms: int
+    provider_cost_microdollars: int = 0
 
 
 async def job_stats(
@@ -369,6 +401,7 @@ async def job_stats(
     records = await conn.fetch(
         f"""
         SELECT status, count(*) AS jobs, sum(credits_charged) AS charged, sum(credits_refunded) AS refunded,
+               sum(provider_cost_microdollars) AS provider_cost,
                sum(extract(epoch FROM complete_time - start_time) * 1000)
                    FILTER (WHERE complete_time IS NOT NULL AND start_time IS NOT NULL) AS processing_ms,
                count(*) FILTER (WHERE complete_time IS NOT NULL AND start_time IS NOT NULL) AS timed
@@ -388,6 +421,7 @@ async def job_stats(
         credits_charged=sum(int(record["charged"] or 0) for record in records),
         credits_refunded=sum(int(record["refunded"] or 0) for record in records),
         average_processing_time_ms=round(processing / timed) if timed else 0,
+        provider_cost_microdollars=sum(int(record["provider_cost"] or 0) for record in records),
     )
 
 
@@ -805,3 +839,93 @@ async def forget_reservation(conn: asyncpg.Connection, job_id: uuid.UUID, slot: 
         timeout=timeout,
     )
 
+
+
+# ---------------------------------------------------------------- the editor's jobs
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A delivered image of a job: what an edit starts from, or what an earlier turn made."""
+
+    image_id: uuid.UUID
+    job_id: uuid.UUID
+    storage_id: str
+    width: int
+    height: int
+
+
+_STORED_IMAGE = "i.image_id, i.job_id, i.storage_id, i.width, i.height"
+
+
+def _stored(record: asyncpg.Record) -> StoredImage:
+    return StoredImage(record["image_id"], record["job_id"], record["storage_id"], record["width"], record["height"])
+
+
+async def user_image(conn: asyncpg.Connection, image_id: uuid.UUID, user_id: str, *, timeout: float) -> StoredImage | None:
+    """One of the user's delivered images; None for any other (not theirs, deleted, not there)."""
+    record = await conn.fetchrow(
+        f"""SELECT {_STORED_IMAGE} FROM image.job_images i JOIN image.jobs j USING (job_id)
+             WHERE i.image_id = $1 AND j.user_id = $2 AND i.status = 'DELIVERED'""",
+        image_id,
+        user_id,
+        timeout=timeout,
+    )
+    return _stored(record) if record is not None else None
+
+
+async def first_image(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float) -> StoredImage | None:
+    """The job's first delivered image (the result an edit of the job continues from)."""
+    record = await conn.fetchrow(
+        f"""SELECT {_STORED_IMAGE} FROM image.job_images i
+             WHERE i.job_id = $1 AND i.status = 'DELIVERED' ORDER BY i.slot LIMIT 1""",
+        job_id,
+        timeout=timeout,
+    )
+    return _stored(record) if record is not None else None
+
+
+@dataclass(frozen=True)
+class ChainTurn:
+    """An earlier job of an edit chain, with the first image it delivered (if any)."""
+
+    job_id: uuid.UUID
+    prompt: str
+    kind: str
+    source_image_id: uuid.UUID | None
+    result: StoredImage | None
+
+
+async def chain_turns(
+    conn: asyncpg.Connection, job_id: uuid.UUID, user_id: str, limit: int, *, timeout: float
+) -> list[ChainTurn]:
+    """The job's nearest `limit` ancestors (parent, grandparent...), oldest first."""
+    records = await conn.fetch(
+        f"""
+        WITH RECURSIVE up AS (
+            SELECT j.parent_job_id AS job_id, 1 AS distance FROM image.jobs j
+             WHERE j.job_id = $1 AND j.parent_job_id IS NOT NULL
+            UNION ALL
+            SELECT p.parent_job_id, up.distance + 1 FROM up JOIN image.jobs p ON p.job_id = up.job_id
+             WHERE p.parent_job_id IS NOT NULL AND up.distance < $3)
+        SELECT j.job_id AS turn_job_id, j.prompt, j.kind, j.source_image_id, {_STORED_IMAGE}
+          FROM up JOIN image.jobs j ON j.job_id = up.job_id AND j.user_id = $2
+          LEFT JOIN LATERAL (
+              SELECT {_STORED_IMAGE} FROM image.job_images i
+               WHERE i.job_id = j.job_id AND i.status = 'DELIVERED' ORDER BY i.slot LIMIT 1) i ON true
+         ORDER BY up.distance DESC
+        """,
+        job_id,
+        user_id,
+        limit,
+        timeout=timeout,
+    )
+    return [
+        ChainTurn(record["turn_job_id"], record["prompt"], record["kind"], record["source_image_id"],
+                  _stored(record) if record["image_id"] is not None else None)  # fmt: skip
+        for record in records
+    ]
+
+
+async def job_mask(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float) -> bytes | None:
+    return await conn.fetchval("SELECT mask FROM image.jobs WHERE job_id = $1", job_id, timeout=timeout)

@@ -38,12 +38,13 @@ import asyncpg
 from services.image.catalog import Quality, images_per_call
 from services.image.durable_consumer import Outcome, ack, retry
 from services.image.errors import DependencyUnavailable, LeaseLost
-from services.image.jobs import storage
+from services.image.jobs import edits, storage
 from services.image.jobs.domain import (
     ChargeNotFound,
     CreditsUnavailable,
     InsufficientCredits,
     JobDeps,
+    JobKind,
     RefundExceedsCharge,
     StorageQuotaExceeded,
     charge_request_id,
@@ -54,7 +55,13 @@ from services.image.jobs.domain import (
 from services.image.jobs.metrics import JOB_DELIVERIES, JOBS_FINISHED, count_refund, observe_step
 from services.image.jobs.storage import JobRow, JobStatus, KeptPicture, SlotRow, SlotStatus
 from services.image.lease import BatchedRenewals, LeaseTiming, lease_kept
-from services.image.providers.base import GenerationProvider, GenerationRequest, GenerationResult, ProviderError
+from services.image.providers.base import (
+    EditInstructions,
+    GenerationProvider,
+    GenerationRequest,
+    GenerationResult,
+    ProviderError,
+)
 from services.image.providers.pictures import as_png
 from shared.logs import logged_step
 from shared.metrics import PROVIDER_RETRIES, ProviderKind, ProviderOutcome, observe_provider_call, retry_reason
@@ -247,6 +254,7 @@ async def _paint(
     """Provider calls for the `pending` slots; the final job when it stopped (cancelled)."""
     spec = deps.jobs.catalog.get(row.model)
     start = 0
+    edit: EditInstructions | None = None
     for count in images_per_call(spec, len(pending)):
         group, rest = list(pending[start : start + count]), list(pending[start:])
         # A cancellation is looked for before every call but the first (the claim just read the job).
@@ -256,7 +264,9 @@ async def _paint(
             log.info("job.stop_noticed", extra={**ids, "status": latest.status.value if latest else None})
             return latest if latest else ack("UNKNOWN_JOB")  # settled once out of the lease
         try:
-            result = await _generate(deps, row, len(group), ids)
+            if edit is None and row.kind == JobKind.EDIT:
+                edit = await _edit_inputs(deps, row, ids)
+            result = await _generate(deps, row, len(group), ids, edit)
         except ProviderError as error:
             # Refused for good: a user error (content policy, invalid parameters) is not
             # refunded; our side's (the vendor's quota, our key, an unusable answer) is.
@@ -267,10 +277,18 @@ async def _paint(
     return None
 
 
-async def _generate(deps: WorkerDeps, row: JobRow, count: int, ids: dict) -> GenerationResult:
+async def _edit_inputs(deps: WorkerDeps, row: JobRow, ids: dict) -> EditInstructions:
+    """The edit's source, mask and earlier turns, read once per run (S3 away: a retry)."""
+    with _step("fetch_edit_inputs", ids):
+        return await edits.edit_instructions(row, lambda read, *args: _write(deps, read, *args), deps.jobs.objects.get)
+
+
+async def _generate(
+    deps: WorkerDeps, row: JobRow, count: int, ids: dict, edit: EditInstructions | None = None
+) -> GenerationResult:
     request = GenerationRequest(
         model=row.model, prompt=row.prompt, width=row.width, height=row.height, count=count,
-        quality=Quality(row.quality) if row.quality else None,
+        quality=Quality(row.quality) if row.quality else None, edit=edit,
     )  # fmt: skip
     with _step("generate", ids, images=count):
         started = time.perf_counter()

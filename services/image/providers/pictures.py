@@ -132,3 +132,33 @@ def _format_from_magic(data: bytes) -> str | None:
 
 def _too_many_pixels() -> ProviderError:
     return ProviderError(f"image has more than {MAX_PIXELS} pixels", transient=False)
+
+
+# OpenAI's limit for an edit's mask, which every provider here can take.
+MAX_MASK_BYTES = 4 * 1024 * 1024
+
+
+def mask_problem(data: bytes, width: int, height: int) -> str | None:
+    """Why `data` cannot be the inpaint mask of a width x height source, or None.
+
+    The whole PNG is decoded (a file can have a valid header and corrupt pixels), but only
+    once its header says it has the source's size, so a small file declaring a huge canvas
+    is refused before anything is decompressed.
+    """
+    if len(data) > MAX_MASK_BYTES:
+        return f"must be at most {MAX_MASK_BYTES} bytes"
+    if _format_from_magic(data) != "PNG":
+        return "must be a PNG"
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            if image.size != (width, height):
+                return f"must be the source image's size, {width}x{height} (it is {image.width}x{image.height})"
+            image.load()
+            has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    except Image.DecompressionBombError:
+        return "must be the source image's size"
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types for a corrupt file
+        return f"is not a readable PNG ({type(error).__name__})"
+    if not has_alpha:
+        return "must have an alpha channel: its transparent pixels mark what to repaint"
+    return None

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai_images import FakeOpenAIImages
 from tests.integration.credits.helpers import assert_ledger_holds
 
@@ -57,4 +58,16 @@ async def openai():
 @pytest.fixture
 async def openai_stack(serve, openai) -> AsyncIterator[JobsStack]:
     async with serve(OPENAI_API_KEY=openai.api_key, OPENAI_BASE_URL=openai.api_base_url, proxies=True) as running:
+        yield running
+
+
+@pytest.fixture
+async def gemini():
+    async with FakeGemini() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def gemini_stack(serve, gemini) -> AsyncIterator[JobsStack]:
+    async with serve(GEMINI_API_KEY=gemini.api_key, GEMINI_BASE_URL=gemini.api_base_url) as running:
         yield running

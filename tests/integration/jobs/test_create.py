@@ -52,7 +52,19 @@ async def _nothing_written(stack: JobsStack, user_id: str) -> None:
         ({"num_images": 11}, "num_images"),
         ({"quality": pb.QUALITY_HD}, "quality"),
         ({"quality": 77}, "quality"),
-        ({"kind": pb.JOB_KIND_EDIT}, "kind"),
+        ({"kind": pb.JOB_KIND_EDIT}, "edit_operation"),
+        ({"kind": pb.JOB_KIND_EDIT}, "source_image_id"),
+        ({"kind": pb.JOB_KIND_EDIT, "edit_operation": 42}, "edit_operation"),
+        ({"kind": pb.JOB_KIND_EDIT, "source_image_id": "not-a-uuid"}, "source_image_id"),
+        ({"kind": pb.JOB_KIND_EDIT, "edit_operation": pb.EDIT_OPERATION_RESTYLE, "mask": b"\x89PNG"}, "mask"),
+        ({"kind": pb.JOB_KIND_EDIT, "edit_operation": pb.EDIT_OPERATION_INPAINT, "mask": b"GIF89a"}, "mask"),
+        ({"kind": pb.JOB_KIND_EDIT, "edit_operation": pb.EDIT_OPERATION_INPAINT, "mask": b"\x89PNG\r\n\x1a\n" * 600_000},
+         "mask"),
+        ({"kind": pb.JOB_KIND_EDIT, "edit_operation": pb.EDIT_OPERATION_INPAINT, "model": "recraft/recraftv3",
+          "width": 1024, "height": 1024, "source_image_id": str(uuid.uuid4())}, "edit_operation"),  # Recraft cannot edit
+        ({"edit_operation": pb.EDIT_OPERATION_INPAINT}, "edit_operation"),
+        ({"canvas_id": "c\x00"}, "canvas_id"),
+        ({"canvas_id": "c" * 129}, "canvas_id"),
         ({"kind": 9}, "kind"),
         ({"source_image_id": str(uuid.uuid4())}, "source_image_id"),
         ({"mask": b"\x89PNG"}, "mask"),
@@ -60,7 +72,6 @@ async def _nothing_written(stack: JobsStack, user_id: str) -> None:
         ({"request_id": " r1"}, "request_id"),
         ({"project_id": "p\n1"}, "project_id"),
         ({"parent_job_id": "not-a-uuid"}, "parent_job_id"),
-        ({"parent_job_id": str(uuid.uuid4())}, "parent_job_id"),
     ],
 )
 async def test_a_bad_field_is_named_and_nothing_is_written(stack: JobsStack, fields, field):
