@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 _SEND_TIMEOUT_SECONDS = 5.0
 _RETRY_SECONDS = 0.5
 _SEND_ATTEMPTS = 5
+_SEND_FAILURES = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 class Notices:
@@ -60,7 +61,9 @@ class Notices:
                 await self._send(batch)
                 self.sent_total += len(batch)
                 return
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            # InternalClientError: a connection whose server went away mid-use can answer
+            # with it (not an InterfaceError) before the pool notices and reconnects.
+            except _SEND_FAILURES as error:
                 log.warning(
                     "notices.send_failed",
                     extra={"notices": self._name, "notifications": len(batch), "attempt": attempt, "error": repr(error)},
