@@ -14,7 +14,15 @@ import platform
 import sys
 import time
 
-from tests.bench import credits_bench, downloads_bench, jobs_bench, outbox_bench, provider_bench, story_bench
+from tests.bench import (
+    credits_bench,
+    downloads_bench,
+    jobs_bench,
+    outbox_bench,
+    preview_bench,
+    provider_bench,
+    story_bench,
+)
 from tests.bench.report import Figure, table, write_json
 from tools.infra import REPO_ROOT
 
@@ -25,6 +33,7 @@ PARTS = {
     "downloads": downloads_bench,
     "jobs": jobs_bench,
     "providers": provider_bench,
+    "previews": preview_bench,
 }
 RESULTS_DIR = REPO_ROOT / ".run" / "bench"
 
