@@ -179,7 +179,7 @@ class OutboxRelay:
         """Publishes `row`, committed by this process and inserted claimed, without a claim
         round (see the module doc)."""
         if len(self._handed_off) >= self._settings.batch_size * _HANDOFF_BATCHES_HELD:
-            log.warning("outbox.handoff_left_to_relay", extra={"outbox": self._outbox.table, **row.log_ids,
+            log.warning("outbox.handoff_left", extra={"outbox": self._outbox.table, **row.log_ids,
                                                                "msg_id": row.msg_id, "outbox_id": row.outbox_id})  # fmt: skip
             return
         self._handed_off.append(row)
