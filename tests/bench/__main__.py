@@ -14,7 +14,15 @@ import platform
 import sys
 import time
 
-from tests.bench import credits_bench, downloads_bench, jobs_bench, outbox_bench, provider_bench, story_bench
+from tests.bench import (
+    credits_bench,
+    downloads_bench,
+    jobs_bench,
+    outbox_bench,
+    portraits_bench,
+    provider_bench,
+    story_bench,
+)
 from tests.bench.report import Figure, table, write_json
 from tools.infra import REPO_ROOT
 
@@ -23,6 +31,7 @@ PARTS = {
     "credits": credits_bench,
     "outbox": outbox_bench,
     "downloads": downloads_bench,
+    "portraits": portraits_bench,
     "jobs": jobs_bench,
     "providers": provider_bench,
 }
