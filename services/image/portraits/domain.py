@@ -301,6 +301,7 @@ async def _resume(
         return await _finish(event, lease_owner, deps, AttemptStatus.SKIPPED, BLANK_PROMPT_REASON)
     key = portrait_key(event.story_id, event.attempt)
     status = claim.status
+    png = None
     if status is AttemptStatus.PENDING:
         try:
             png = await _generate(story.prompt, deps, ids)
@@ -313,7 +314,7 @@ async def _resume(
             await _record(deps, storage.keep_generated, event, lease_owner, png)
         status = AttemptStatus.GENERATED
     if status is AttemptStatus.GENERATED:
-        await _upload(event, key, deps, ids)
+        await _upload(event, key, deps, ids, png)
         with _step("mark_stored", ids, storage_id=key):
             await _record(deps, storage.mark_stored, event, lease_owner, key)
     return await _attach(event, lease_owner, key, deps, ids)
@@ -357,10 +358,12 @@ def _as_png(image: GeneratedImage) -> bytes:
         return buffer.getvalue()
 
 
-async def _upload(event: PortraitEvent, key: str, deps: PortraitDeps, ids: dict) -> None:
-    step = deps.timeouts.step_seconds
-    async with deps.pool.acquire(timeout=step) as conn:
-        png = await storage.kept_png(conn, event.story_id, event.attempt, timeout=step)
+async def _upload(event: PortraitEvent, key: str, deps: PortraitDeps, ids: dict, png: bytes | None) -> None:
+    """Puts the picture in S3: the one just kept (`png`), or, on a redelivery, the kept copy."""
+    if png is None:
+        step = deps.timeouts.step_seconds
+        async with deps.pool.acquire(timeout=step) as conn:
+            png = await storage.kept_png(conn, event.story_id, event.attempt, timeout=step)
     with _step("upload", ids, storage_id=key):
         if png is None:
             # Kept rows go only with STORED; a missing one means the object went up already.
