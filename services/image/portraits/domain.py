@@ -2,10 +2,10 @@
 
 An event says "story X may need its portrait"; it is a hint, never an authority. The story
 service says what the current attempt and its prompt are, so a forged or stale event paints
-nothing. Each attempt goes PENDING -> GENERATED (the picture kept in the database as soon
-as it exists) -> STORED (in S3 under a key of its own) -> READY (the story told), or ends
-SKIPPED or FAILED; a redelivery resumes from the first step not done, so the provider is
-paid once per attempt. One worker at a time holds an attempt (a lease kept alive while it
+nothing. Each attempt goes PENDING -> STORED (in S3 under a key of its own, as soon as the
+picture exists; GENERATED in between, the picture kept in the database, only when S3
+refused it then) -> READY (the story told), or ends SKIPPED or FAILED; a redelivery
+resumes from the first step not done, so the provider is paid once per attempt. One worker at a time holds an attempt (a lease kept alive while it
 works); every step is bounded in time, and the consumer bounds the whole delivery by the
 sum, so the lease and the heartbeats always outlive the work they cover.
 """
@@ -310,14 +310,26 @@ async def _resume(
             return await _finish(event, lease_owner, deps, AttemptStatus.FAILED, error.reason)
         except ProviderError as error:
             return await _finish(event, lease_owner, deps, AttemptStatus.FAILED, f"provider: {error.reason}")
-        with _step("keep", ids):
-            await _record(deps, storage.keep_generated, event, lease_owner, png)
-        status = AttemptStatus.GENERATED
-    if status is AttemptStatus.GENERATED:
-        await _upload(event, key, deps, ids, png)
-        with _step("mark_stored", ids, storage_id=key):
-            await _record(deps, storage.mark_stored, event, lease_owner, key)
+        # The picture goes straight to S3, its durable home; only if S3 fails is it kept in
+        # the database (GENERATED) for a redelivery to upload, so that nothing makes a
+        # later delivery pay the provider again. Either way it is stored durably once
+        # before the delivery ends; keeping 1 MB in PostgreSQL first cost more than the upload.
+        try:
+            await _upload(event, key, deps, ids, png)
+        except _TRANSIENT as error:
+            with _step("keep", ids):
+                await _record(deps, storage.keep_generated, event, lease_owner, png)
+            raise error from None
+        await _mark_stored(event, lease_owner, key, deps, ids)
+    elif status is AttemptStatus.GENERATED:
+        await _upload(event, key, deps, ids, None)
+        await _mark_stored(event, lease_owner, key, deps, ids)
     return await _attach(event, lease_owner, key, deps, ids)
+
+
+async def _mark_stored(event: PortraitEvent, lease_owner: uuid.UUID, key: str, deps: PortraitDeps, ids: dict) -> None:
+    with _step("mark_stored", ids, storage_id=key):
+        await _record(deps, storage.mark_stored, event, lease_owner, key)
 
 
 async def _generate(prompt: str, deps: PortraitDeps, ids: dict) -> bytes:
@@ -359,7 +371,7 @@ def _as_png(image: GeneratedImage) -> bytes:
 
 
 async def _upload(event: PortraitEvent, key: str, deps: PortraitDeps, ids: dict, png: bytes | None) -> None:
-    """Puts the picture in S3: the one just kept (`png`), or, on a redelivery, the kept copy."""
+    """Puts the picture in S3: the one just generated (`png`), or, on a redelivery, the kept copy."""
     if png is None:
         step = deps.timeouts.step_seconds
         async with deps.pool.acquire(timeout=step) as conn:
