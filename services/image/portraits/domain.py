@@ -134,8 +134,9 @@ class PortraitTimeouts:
 
     provider_seconds: float = 90.0  # one provider call, download included
     step_seconds: float = 10.0  # one SQL statement, S3 call or story call
-    # get story, claim, keep, read kept, 2 S3 calls, mark stored, attach, mark final, and
-    # a release or a status report after a failure.
+    # get story, claim, an earlier upload's check, keep or read kept, 2 S3 calls, mark
+    # stored, attach, mark final, and a release or a status report after a failure (the
+    # longest path takes fewer: keep and mark stored never both run in one delivery).
     STEPS_PER_DELIVERY = 11
 
     @property
@@ -302,7 +303,10 @@ async def _resume(
     key = portrait_key(event.story_id, event.attempt)
     status = claim.status
     png = None
-    if status is AttemptStatus.PENDING:
+    if status is AttemptStatus.PENDING and claim.deliveries > 1 and await _uploaded_before(key, deps, ids):
+        # An earlier delivery put the picture up and stopped before recording it.
+        await _mark_stored(event, lease_owner, key, deps, ids)
+    elif status is AttemptStatus.PENDING:
         try:
             png = await _generate(story.prompt, deps, ids)
         except ProviderNotConfigured as error:
@@ -325,6 +329,11 @@ async def _resume(
         await _upload(event, key, deps, ids, None)
         await _mark_stored(event, lease_owner, key, deps, ids)
     return await _attach(event, lease_owner, key, deps, ids)
+
+
+async def _uploaded_before(key: str, deps: PortraitDeps, ids: dict) -> bool:
+    with _step("check_uploaded", ids, storage_id=key):
+        return await deps.objects.exists(key)
 
 
 async def _mark_stored(event: PortraitEvent, lease_owner: uuid.UUID, key: str, deps: PortraitDeps, ids: dict) -> None:
