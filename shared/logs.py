@@ -134,6 +134,7 @@ def logged_step(
     *,
     describe: Callable[[BaseException], str] = _describe_error,
     observe: Callable[[str, bool, float], None] | None = None,
+    log_start: bool = True,
     **fields: Any,
 ) -> Iterator[dict[str, Any]]:
     """Logs one pipeline step: started, then succeeded or failed, with its duration.
@@ -141,10 +142,12 @@ def logged_step(
     `ids` names what the step works on (story_id and attempt for the portrait pipeline);
     the dict it yields takes fields that only the step's result knows, for the last line;
     `observe(step, ok, seconds)` records the step in a metric as well. The exception, if
-    any, goes on unchanged; a cancellation (shutdown) is a failure too.
+    any, goes on unchanged; a cancellation (shutdown) is a failure too. `log_start=False`
+    leaves out the first line, for steps too short and too many for it to tell anything.
     """
     line = {**ids, "step": step, **fields}
-    logger.info(f"{area}.step_started", extra={**line, "duration_ms": None, "error": None})
+    if log_start:
+        logger.info(f"{area}.step_started", extra={**line, "duration_ms": None, "error": None})
     started = time.perf_counter()
     outcome: dict[str, Any] = {}
     try:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
 from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from casefile.image.v1 import image_service_pb2 as pb
 from casefile.image.v1 import image_service_pb2_grpc
 from services.image import image_urls
-from services.image.catalog import EditOperation, Quality
 from services.image.errors import DependencyUnavailable
 from services.image.jobs import domain as jobs
+from services.image.jobs import wire
+from services.image.jobs.wire import EDIT_OPERATION_PROTO, JOB_STATUS_PROTO, QUALITY_PROTO
+from services.image.jobs.wire import timestamp as _timestamp
 from services.image.jobs.domain import JobStatus
 from services.image.routing import ProviderRouter, ServedModel
 from shared.auth import allow, current_caller
@@ -142,8 +142,11 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
 
     async def WatchGenerationJob(self, request, context) -> AsyncIterator[pb.WatchGenerationJobResponse]:
         try:
-            async for job in jobs.watch_job(self._jobs, self._changes, job_id=request.job_id, user_id=request.user_id):
-                yield pb.WatchGenerationJobResponse(job=job_to_proto(job))
+            async for item in jobs.watch_job(self._jobs, self._changes, job_id=request.job_id, user_id=request.user_id):
+                if isinstance(item, jobs.PreviewFrame):
+                    yield pb.WatchGenerationJobResponse(preview=pb.JobPreview.FromString(item.payload))
+                else:
+                    yield pb.WatchGenerationJobResponse(job=job_to_proto(item))
         except _REFUSALS as error:
             await _abort_with(context, "WatchGenerationJob", error)
         except Exception as error:
@@ -180,21 +183,14 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         )
 
 
-JOB_STATUS_PROTO = {
-    JobStatus.PENDING: pb.JOB_STATUS_PENDING,
-    JobStatus.PROCESSING: pb.JOB_STATUS_PROCESSING,
-    JobStatus.UPLOADING: pb.JOB_STATUS_UPLOADING,
-    JobStatus.COMPLETED: pb.JOB_STATUS_COMPLETED,
-    JobStatus.FAILED: pb.JOB_STATUS_FAILED,
-    JobStatus.CANCELLED: pb.JOB_STATUS_CANCELLED,
-}
 _STATUS_FROM_PROTO = {number: status for status, number in JOB_STATUS_PROTO.items()}
+_QUALITY_FROM_PROTO = {number: quality for quality, number in QUALITY_PROTO.items()}
+_EDIT_OPERATION_FROM_PROTO = {number: operation for operation, number in EDIT_OPERATION_PROTO.items()}
 _KIND_FROM_PROTO = {
     pb.JOB_KIND_UNSPECIFIED: jobs.JobKind.GENERATE,
     pb.JOB_KIND_GENERATE: jobs.JobKind.GENERATE,
     pb.JOB_KIND_EDIT: jobs.JobKind.EDIT,
 }
-_KIND_PROTO = {jobs.JobKind.GENERATE: pb.JOB_KIND_GENERATE, jobs.JobKind.EDIT: pb.JOB_KIND_EDIT}
 
 
 def _status_filter(number: int) -> JobStatus | None:
@@ -237,72 +233,12 @@ def job_request_from_proto(request: pb.CreateGenerationJobRequest) -> jobs.JobRe
         edit_operation=operation,
         mask=request.mask,
         canvas_id=request.canvas_id,
+        partial_images=request.partial_images,
     )
 
 
 def job_to_proto(job: jobs.Job) -> pb.GenerationJob:
-    row = job.row
-    message = pb.GenerationJob(
-        job_id=str(row.job_id),
-        user_id=row.user_id,
-        prompt=row.prompt,
-        model=row.model,
-        width=row.width,
-        height=row.height,
-        num_images=row.num_images,
-        status=JOB_STATUS_PROTO[row.status],
-        images=[
-            pb.Image(image_id=image.image_id, storage_id=image.storage_id, content_type=image.content_type,
-                     size_bytes=image.size_bytes, width=image.width, height=image.height)  # fmt: skip
-            for image in job.images
-        ],
-        retry_count=row.retry_count,
-        error_message=row.error_message,
-        credits_charged=row.credits_charged,
-        credits_refunded=row.credits_refunded,
-        create_time=_timestamp(row.create_time),
-        update_time=_timestamp(row.update_time),
-        processing_time_ms=job.processing_time_ms,
-        kind=_KIND_PROTO.get(jobs.JobKind(row.kind), pb.JOB_KIND_GENERATE),
-        parent_job_id=str(row.parent_job_id) if row.parent_job_id else "",
-        project_id=row.project_id or "",
-        quality=QUALITY_PROTO.get(Quality(row.quality), pb.QUALITY_UNSPECIFIED) if row.quality else pb.QUALITY_UNSPECIFIED,
-        provider=row.provider or "",
-        source_image_id=str(row.source_image_id) if row.source_image_id else "",
-        edit_operation=(EDIT_OPERATION_PROTO[EditOperation(row.edit_operation)] if row.edit_operation
-                        else pb.EDIT_OPERATION_UNSPECIFIED),  # fmt: skip
-        canvas_id=row.canvas_id or "",
-        provider_cost_micros=row.provider_cost_microdollars,
-        root_job_id=str(row.root_job_id or row.job_id),
-        chain_depth=row.chain_depth,
-    )
-    if row.complete_time is not None:
-        message.complete_time.CopyFrom(_timestamp(row.complete_time))
-    return message
-
-
-def _timestamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
-QUALITY_PROTO = {
-    Quality.STANDARD: pb.QUALITY_STANDARD,
-    Quality.HD: pb.QUALITY_HD,
-    Quality.LOW: pb.QUALITY_LOW,
-    Quality.MEDIUM: pb.QUALITY_MEDIUM,
-    Quality.HIGH: pb.QUALITY_HIGH,
-}
-_QUALITY_FROM_PROTO = {number: quality for quality, number in QUALITY_PROTO.items()}
-EDIT_OPERATION_PROTO = {
-    EditOperation.INPAINT: pb.EDIT_OPERATION_INPAINT,
-    EditOperation.OUTPAINT: pb.EDIT_OPERATION_OUTPAINT,
-    EditOperation.VARIATION: pb.EDIT_OPERATION_VARIATION,
-    EditOperation.REMOVE_BACKGROUND: pb.EDIT_OPERATION_REMOVE_BACKGROUND,
-    EditOperation.RESTYLE: pb.EDIT_OPERATION_RESTYLE,
-}
-_EDIT_OPERATION_FROM_PROTO = {number: operation for operation, number in EDIT_OPERATION_PROTO.items()}
+    return wire.job_message(job.row, job.images)
 
 
 def model_proto(served: ServedModel) -> pb.Model:

@@ -20,6 +20,7 @@ from services.image.handlers import ALLOWED_CALLERS, SERVICE_NAME, ImageServicer
 from services.image.image_urls import SignedObjects
 from services.image.jobs.credits_client import CreditsClient
 from services.image.jobs.domain import JobDeps, JobSettings
+from services.image.jobs.previews import PreviewBus
 from services.image.jobs.messaging import JOB_OUTBOX, JobConsumerSettings, job_consumer, job_outbox_relay
 from services.image.jobs.worker import WorkerDeps, WorkerSettings, batched_renewals, run_job
 from services.image.lease import LeaseTiming
@@ -151,6 +152,8 @@ async def _start_jobs(
     stack.callback(relay.backlog_metrics().close)
     await start_supervised(stack, relay.run, "job-outbox-relay")
     notices = await _start_notices(config, stack)
+    previews = PreviewBus(config.nats)
+    await start_supervised(stack, previews.run, "job-previews")
 
     def queued() -> None:
         relay.kick()
@@ -167,6 +170,7 @@ async def _start_jobs(
                              watch_recheck_seconds=settings.watch_recheck_seconds),  # fmt: skip
         on_queued=queued,
         on_changed=lambda job_id: notices.notify(JOB_CHANGES_CHANNEL, str(job_id)),
+        previews=previews,
     )
     lease = LeaseTiming(seconds=settings.ack_wait_seconds + LEASE_MARGIN_SECONDS)
     worker = WorkerDeps(

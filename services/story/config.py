@@ -76,7 +76,7 @@ class Config:
             openai_story_model=env_str(env, "OPENAI_STORY_MODEL", "gpt-4o-mini"),
             # LISTEN/NOTIFY wakes the relay at once; the poll only covers a lost notification.
             outbox_poll_interval_seconds=env_float(env, "OUTBOX_POLL_INTERVAL_SECONDS", 5.0, minimum=0.01),
-            outbox_batch_size=env_int(env, "OUTBOX_BATCH_SIZE", 100, minimum=1),
+            outbox_batch_size=env_int(env, "OUTBOX_BATCH_SIZE", 500, minimum=1),
             outbox_retention_seconds=env_float(env, "OUTBOX_RETENTION_SECONDS", 24 * 3600, minimum=0),
             outbox_claim_seconds=claim_seconds,
             watch_max_seconds=env_float(env, "WATCH_MAX_SECONDS", 900, minimum=0.1),

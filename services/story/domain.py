@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from services.story.model import (
 from services.story.writers.base import StoryWriter, WriterError
 from shared.db import pooled_connection
 from shared.logs import logged_step
+from shared.outbox import OutboxRow
 from shared.validation import id_problem, optional_id_problem, text_problem
 
 __all__ = [
@@ -330,7 +331,7 @@ async def create_story(
     user_id: str,
     content: StoryContent,
     request_id: str,
-    on_committed: Callable[[], None] | None = None,
+    events: EventHandoff | None = None,
 ) -> Story:
     """Stores a caller-written story and its `story.created` outbox row in one transaction."""
     user_id = validate_user_id(user_id)
@@ -342,7 +343,7 @@ async def create_story(
         content=content,
         request_key=request_key,
         authorship=Authorship(writer=CALLER_WRITER),
-        on_committed=on_committed,
+        events=events,
     )
 
 
@@ -353,7 +354,7 @@ async def generate_story(
     user_id: str,
     theme: str,
     request_id: str,
-    on_committed: Callable[[], None] | None = None,
+    events: EventHandoff | None = None,
 ) -> Story:
     """Asks the writer for a story, then stores it like create_story."""
     user_id = validate_user_id(user_id)
@@ -381,7 +382,7 @@ async def generate_story(
         request_key=request_key,
         authorship=Authorship(writer=writer.name, model=writer.model, theme=theme),
         story_id=story_id,
-        on_committed=on_committed,
+        events=events,
     )
 
 
@@ -393,7 +394,7 @@ async def _store_new_story(
     request_key: str | None,
     authorship: Authorship,
     story_id: str | None = None,
-    on_committed: Callable[[], None] | None = None,
+    events: EventHandoff | None = None,
 ) -> Story:
     story_id = story_id or str(uuid.uuid4())
     difficulty = story_typing_difficulty(content.title, content.chapters)
@@ -406,10 +407,9 @@ async def _store_new_story(
             existing = await storage.find_by_request(conn, user_id, request_key)
             assert existing is not None, "insert conflicted, so the row exists"
             return existing
-        await storage.insert_outbox_event(conn, story)
+        queued = await storage.insert_outbox_event(conn, story, claim_seconds=_claim_seconds(events))
     log.info("story.created", extra={"story_id": story.story_id, "user_id": user_id})
-    if on_committed is not None:
-        on_committed()
+    _hand_off(events, queued)
     return story
 
 
@@ -482,7 +482,7 @@ async def _current_attempt(conn: asyncpg.Connection, story_id: str, attempt: int
     return story
 
 
-async def retry_portrait(pool: asyncpg.Pool, *, story_id: str, on_committed: Callable[[], None] | None = None) -> Story:
+async def retry_portrait(pool: asyncpg.Pool, *, story_id: str, events: EventHandoff | None = None) -> Story:
     """Starts a new portrait attempt (PENDING again) and queues its `story.created`."""
     story_id = validate_story_id(story_id)
     async with _connection(pool) as conn, conn.transaction():
@@ -496,11 +496,30 @@ async def retry_portrait(pool: asyncpg.Pool, *, story_id: str, on_committed: Cal
             # waits for that instead of racing a painter of the same story.
             raise PortraitInProgress(story)
         story = await storage.restart_portrait(conn, story_id)
-        await storage.insert_outbox_event(conn, story)
+        queued = await storage.insert_outbox_event(conn, story, claim_seconds=_claim_seconds(events))
     log.info("story.portrait_retried", extra={"story_id": story_id, "attempt": story.portrait_attempt})
-    if on_committed is not None:
-        on_committed()
+    _hand_off(events, queued)
     return story
+
+
+class EventHandoff(Protocol):
+    """Takes a committed `story.created` straight to NATS (shared.outbox.OutboxRelay.hand_off)."""
+
+    @property
+    def claim_seconds(self) -> float: ...
+
+    def hand_off(self, row: OutboxRow) -> None: ...
+
+
+def _claim_seconds(events: EventHandoff | None) -> float | None:
+    # Without a handoff the row is inserted unclaimed and its insert wakes the relays.
+    return events.claim_seconds if events is not None else None
+
+
+def _hand_off(events: EventHandoff | None, queued: OutboxRow | None) -> None:
+    """Called after the commit only: a rolled-back story must never be announced."""
+    if events is not None and queued is not None:
+        events.hand_off(queued)
 
 
 # --- watching ---------------------------------------------------------------------------

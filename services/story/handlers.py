@@ -155,13 +155,13 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
         pool: asyncpg.Pool,
         writer: StoryWriter,
         *,
-        on_event_queued: Callable[[], None],
+        events: domain.EventHandoff,
         changes: domain.StoryChanges,
         watch_limits: domain.WatchLimits | None = None,
     ) -> None:
         self._pool = pool
         self._writer = writer
-        self._on_event_queued = on_event_queued
+        self._events = events
         self._changes = changes
         self._watch_limits = watch_limits or domain.WatchLimits()
 
@@ -173,7 +173,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
             user_id=request.user_id,
             theme=request.theme,
             request_id=request.request_id,
-            on_committed=self._on_event_queued,
+            events=self._events,
         )
         return pb.GenerateStoryResponse(story=story_to_proto(story))
 
@@ -186,7 +186,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
             user_id=request.user_id,
             content=content_from_proto(request),
             request_id=request.request_id,
-            on_committed=self._on_event_queued,
+            events=self._events,
         )
         return pb.CreateStoryResponse(story=story_to_proto(story))
 
@@ -240,5 +240,5 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
 
     @_abort_on_domain_error
     async def RetryPortrait(self, request: pb.RetryPortraitRequest, context: grpc.aio.ServicerContext) -> pb.RetryPortraitResponse:
-        story = await domain.retry_portrait(self._pool, story_id=request.story_id, on_committed=self._on_event_queued)
+        story = await domain.retry_portrait(self._pool, story_id=request.story_id, events=self._events)
         return pb.RetryPortraitResponse(story=story_to_proto(story))

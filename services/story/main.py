@@ -76,7 +76,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     servicer = StoryServicer(
         pool,
         writer,
-        on_event_queued=relay.kick,
+        events=relay,
         changes=changes,
         watch_limits=WatchLimits(max_seconds=config.watch_max_seconds),
     )

@@ -13,6 +13,7 @@ import asyncpg
 from services.story import model
 from services.story.difficulty import story_typing_difficulty
 from services.story.events import encode_story_created, story_created_msg_id
+from shared.outbox import OutboxRow
 from shared.streams import STORY_CREATED_SUBJECT
 
 # Every statement is bounded: a slow database shows as UNAVAILABLE, not as a hung call.
@@ -110,22 +111,30 @@ async def insert_story(
     return _maybe_story(row)
 
 
-async def insert_outbox_event(conn: asyncpg.Connection, story: model.Story) -> None:
+async def insert_outbox_event(
+    conn: asyncpg.Connection, story: model.Story, *, claim_seconds: float | None = None
+) -> OutboxRow | None:
     """Queues `story.created` for the story's current attempt; the message id makes a
-    second publish of it a no-op."""
-    await conn.execute(
+    second publish of it a no-op. With `claim_seconds` the row is inserted claimed for the
+    handoff (shared/outbox.py) and returned; None when the attempt's event was queued already."""
+    row = await conn.fetchrow(
         """
-        INSERT INTO story.outbox (story_id, portrait_attempt, subject, msg_id, payload)
-        VALUES ($1, $2, $3, $4, $5)
+        INSERT INTO story.outbox (story_id, portrait_attempt, subject, msg_id, payload, claimed_until)
+        VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::float8))
         ON CONFLICT (msg_id) DO NOTHING
+        RETURNING outbox_id, subject, msg_id, payload, created_at
         """,
         story.story_id,
         story.portrait_attempt,
         STORY_CREATED_SUBJECT,
         story_created_msg_id(story.story_id, story.portrait_attempt),
         encode_story_created(story),
+        claim_seconds,
         timeout=STATEMENT_TIMEOUT_SECONDS,
     )
+    if row is None:
+        return None
+    return OutboxRow(**dict(row), log_ids={"story_id": story.story_id, "attempt": story.portrait_attempt})
 
 
 async def fill_missing_payloads(conn: asyncpg.Connection) -> int:

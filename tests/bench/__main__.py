@@ -20,6 +20,7 @@ from tests.bench import (
     jobs_bench,
     outbox_bench,
     portraits_bench,
+    preview_bench,
     provider_bench,
     story_bench,
 )
@@ -34,6 +35,7 @@ PARTS = {
     "portraits": portraits_bench,
     "jobs": jobs_bench,
     "providers": provider_bench,
+    "previews": preview_bench,
 }
 RESULTS_DIR = REPO_ROOT / ".run" / "bench"
 

@@ -58,7 +58,11 @@ class FakeOpenAIImages(ImageApiFake):
         # When set, the stream waits for it after the first partial image: a client that
         # held previews back until the end would never see the final image.
         self.resume_stream: asyncio.Event | None = None
+        # When set, a stream waits for it before its first partial image.
+        self.start_stream: asyncio.Event | None = None
         self.multipart_fields: list[dict[str, Any]] = []
+        # time.perf_counter() as each partial image event was written, for latency figures.
+        self.partial_sent_at: list[float] = []
         # Pictures answered so far: each call's pictures have a colour of their own.
         self.pictures_made = 0
         self.hosted: dict[str, bytes] = {}
@@ -199,6 +203,8 @@ class FakeOpenAIImages(ImageApiFake):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         partials = int(body.get("partial_images", 0))
+        if self.start_stream is not None:
+            await self.start_stream.wait()
         for index in range(partials):
             if self.cut_stream_after is not None and index >= self.cut_stream_after:
                 await response.write_eof()
@@ -212,6 +218,7 @@ class FakeOpenAIImages(ImageApiFake):
                      "partial_image_index": index, "created_at": int(time.time()), "size": body.get("size"),
                      "quality": body.get("quality", "auto"), "background": "opaque", "output_format": "png"}  # fmt: skip
             await _send_event(response, event["type"], event)
+            self.partial_sent_at.append(time.perf_counter())
             if index == 0 and self.resume_stream is not None:
                 await self.resume_stream.wait()
         final = {"type": f"{prefix}.completed", "b64_json": b64_png(width, height), "created_at": int(time.time()),

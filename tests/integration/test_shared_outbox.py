@@ -25,7 +25,7 @@ from services.story.main import build
 from services.story.messaging import STORY_OUTBOX
 from shared.auth import bearer_metadata
 from shared.nats import ensure_stream
-from shared.outbox import OutboxRelay, RelaySettings
+from shared.outbox import OutboxRelay, OutboxRow, RelaySettings
 from shared.streams import STORY_EVENTS
 
 pytestmark = pytest.mark.timeout(60)
@@ -240,3 +240,103 @@ async def test_the_story_service_relays_through_it_and_is_woken_by_its_own_commi
         story = (await stub.GenerateStory(pb.GenerateStoryRequest(user_id="u1"), metadata=bearer_metadata("t-gateway"))).story
         await until(lambda: published, timeout=5, what="the event")
     assert published == [f"story.created:{story.story_id}:1"]
+
+
+# ---------------------------------------------------------------------------- the handoff
+
+
+async def insert_claimed_event(conn: asyncpg.Connection, claim_seconds: float) -> OutboxRow:
+    """A story and its row inserted already claimed, as the story service inserts what it hands off."""
+    story_id = uuid.uuid4()
+    msg_id = f"story.created:{story_id}:1"
+    async with conn.transaction():
+        await conn.execute(
+            """INSERT INTO story.stories (story_id, user_id, title, patient, chapters, image_generation_prompt)
+               VALUES ($1, 'u1', 't', '{"name":"n","age":1,"diagnosis":"d","appearance":"a"}',
+                       '[{"title":"c","text":"x"}]', 'p')""",
+            story_id,
+        )
+        row = await conn.fetchrow(
+            """INSERT INTO story.outbox (story_id, portrait_attempt, subject, msg_id, payload, claimed_until)
+               VALUES ($1, 1, 'story.created', $2, $3, now() + make_interval(secs => $4::float8))
+               RETURNING outbox_id, subject, msg_id, payload, created_at""",
+            story_id, msg_id, msg_id.encode(), claim_seconds,
+        )  # fmt: skip
+    return OutboxRow(**dict(row), log_ids={"story_id": str(story_id), "attempt": 1})
+
+
+async def published_at(conn: asyncpg.Connection, row: OutboxRow):
+    return await conn.fetchval("SELECT published_at FROM story.outbox WHERE outbox_id = $1", row.outbox_id)
+
+
+async def stream_messages(nats_server) -> int:
+    nc = await nats.connect(nats_server.url)
+    try:
+        return (await nc.jetstream().stream_info(STORY_EVENTS.name)).state.messages
+    finally:
+        await nc.close()
+
+
+async def test_a_handed_off_row_is_published_and_marked_without_waking_any_relay(
+    pool, database_url, nats_server, published, db
+):
+    # A poll far beyond the test: only the handoff can publish the row in time, and the
+    # claimed insert wakes no relay (migration 0004), so nothing claims it a second time.
+    async with relays(pool, database_url, nats_server, poll_interval_seconds=60) as (relay,):
+        await until(lambda: relay._nats is not None and relay._nats.is_connected, what="the relay's connection")
+        row = await insert_claimed_event(db, relay.claim_seconds)
+        relay.hand_off(row)
+        await until(lambda: published_at(db, row), timeout=5, what="the mark")
+    assert published == [row.msg_id]
+    assert await stream_messages(nats_server) == 1
+
+
+async def test_a_handoff_that_nats_refuses_goes_back_to_the_relay_and_is_sent_once_nats_returns(
+    pool, database_url, nats_server, published, db
+):
+    async with relays(pool, database_url, nats_server, poll_interval_seconds=0.2, publish_timeout_seconds=0.5) as (relay,):
+        await until(lambda: relay._nats is not None and relay._nats.is_connected, what="the relay's connection")
+        nats_server.stop()
+        row = await insert_claimed_event(db, relay.claim_seconds)
+        relay.hand_off(row)
+        # The publish times out and the claim is given back with the reason: the relay's now.
+        await until(lambda: db.fetchval("SELECT last_error IS NOT NULL AND claimed_until IS NULL FROM story.outbox "
+                                        "WHERE outbox_id = $1", row.outbox_id), what="the claim given back")  # fmt: skip
+        assert await published_at(db, row) is None
+        nats_server.start()
+        await until(lambda: published_at(db, row), timeout=20, what="the relay's publish")
+    # nats-py may also flush the first attempt after reconnecting: JetStream keeps one copy.
+    assert await stream_messages(nats_server) == 1
+
+
+async def test_a_row_whose_process_died_before_handing_it_off_is_relayed_once_its_claim_expires(
+    pool, database_url, nats_server, published, db
+):
+    # Committed and claimed, then nothing: the process died between its commit and its handoff.
+    row = await insert_claimed_event(db, 1.0)
+    async with relays(pool, database_url, nats_server, poll_interval_seconds=0.2):
+        await asyncio.sleep(0.5)
+        assert published == [], "a live claim keeps the row out of every relay's reach"
+        await until(lambda: published_at(db, row), timeout=10, what="the relay's publish after the claim")
+    assert published == [row.msg_id]
+
+
+async def test_the_story_service_hands_its_events_off_claimed(database_url, nats_server, published, db):
+    config = Config.from_env(
+        {"STORY_ADDR": "127.0.0.1:0", "DATABASE_URL": database_url, "NATS_URL": nats_server.url,
+         "AUTH_TOKENS": TOKENS, "OUTBOX_POLL_INTERVAL_SECONDS": "60"}
+    )  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        server = await build(config, stack)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        stack.push_async_callback(channel.close)
+        stub = story_service_pb2_grpc.StoryServiceStub(channel)
+        stories = [
+            (await stub.GenerateStory(pb.GenerateStoryRequest(user_id="u1"), metadata=bearer_metadata("t-gateway"))).story
+            for _ in range(3)
+        ]
+        await until(lambda: len(published) == 3, timeout=5, what="the events")
+        rows = await db.fetch("SELECT published_at, attempts FROM story.outbox ORDER BY outbox_id")
+    assert published == [f"story.created:{story.story_id}:1" for story in stories]
+    # Published and marked by the handoff: no relay round ever claimed them (attempts counts claims).
+    assert all(row["published_at"] is not None and row["attempts"] == 0 for row in rows)

@@ -51,7 +51,7 @@ from services.image.catalog import (
     price_units,
 )
 from services.image.errors import DependencyUnavailable
-from services.image.jobs import edits, storage
+from services.image.jobs import edits, storage, wire
 from services.image.jobs.metrics import JOBS_CANCELLED, JOBS_CREATED, count_refund
 from services.image.jobs.storage import JobRow, JobStatus, SlotRow, SlotStatus
 from services.image.providers.pictures import mask_problem
@@ -61,6 +61,8 @@ from shared.validation import id_problem, optional_id_problem, text_problem
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 4000
+# OpenAI's bound on partial_images.
+MAX_PARTIAL_IMAGES = 3
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 # Fixed forever: job ids of requests already made depend on it.
@@ -222,6 +224,13 @@ class JobChanges(Protocol):
     def watch(self, key: str) -> contextlib.AbstractAsyncContextManager[Any]: ...
 
 
+class JobPreviews(Protocol):
+    """Where previews pass from the worker to the watchers (jobs.previews: core NATS)."""
+
+    async def publish(self, job_id: uuid.UUID, payload: bytes) -> None: ...
+    def watch(self, job_id: uuid.UUID) -> contextlib.AbstractAsyncContextManager[asyncio.Queue[bytes]]: ...
+
+
 @dataclass(frozen=True)
 class JobSettings:
     # A CHARGING intent older than this is taken to be a create that never came back.
@@ -245,6 +254,8 @@ class JobDeps:
     # Called after a commit that changed a job, so its watchers (in every process) read it
     # again. Not a trigger: a NOTIFY inside the transaction serializes commits (shared/notices.py).
     on_changed: Callable[[uuid.UUID], None] = lambda _job_id: None
+    # Live previews of jobs that ask for them (None: no previews are sent).
+    previews: JobPreviews | None = None
 
 
 # ---------------------------------------------------------------- what callers see
@@ -275,10 +286,7 @@ class Job:
 
     @property
     def processing_time_ms(self) -> int:
-        row = self.row
-        if row.start_time is None or row.complete_time is None:
-            return 0
-        return max(0, int((row.complete_time - row.start_time).total_seconds() * 1000))
+        return wire.processing_time_ms(self.row)
 
 
 @dataclass(frozen=True)
@@ -306,6 +314,8 @@ class JobRequest:
     edit_operation: EditOperation | None = None
     mask: bytes = b""
     canvas_id: str = ""
+    # Previews per image while it forms, 0 to 3 (models that stream only).
+    partial_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -394,6 +404,8 @@ def _field_problems(request: JobRequest) -> list[tuple[str, str]]:
         ("project_id", optional_id_problem(request.project_id)),
         ("parent_job_id", _optional_uuid_problem(request.parent_job_id)),
         ("canvas_id", optional_id_problem(request.canvas_id)),
+        ("partial_images", None if 0 <= request.partial_images <= MAX_PARTIAL_IMAGES
+                           else f"must be 0 to {MAX_PARTIAL_IMAGES}"),  # fmt: skip
     ]
     if request.kind is JobKind.EDIT:
         checks += edits.edit_field_problems(
@@ -419,6 +431,8 @@ def _model_problems(request: JobRequest, models: Models, catalog: ModelCatalog) 
         models.provider_for(request.model)
     except UnsupportedRequest as error:
         return [(error.field, error.problem)]
+    if request.partial_images and not catalog.get(request.model).supports_stream:
+        return [("partial_images", f"{request.model} cannot stream previews (Model.supports_stream); send 0")]
     return []
 
 
@@ -443,6 +457,7 @@ def _digest(request: JobRequest) -> str:
         "source_image_id": request.source_image_id, "canvas_id": request.canvas_id,
         "edit_operation": request.edit_operation.value if request.edit_operation else "",
         "mask": hashlib.sha256(request.mask).hexdigest() if request.mask else "",
+        "partial_images": request.partial_images,
     }  # fmt: skip
     arguments.update({name: value for name, value in editor.items() if value})
     return hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
@@ -567,6 +582,7 @@ def checked_row(checked: CheckedRequest) -> storage.NewJob:
         root_job_id=lineage.root_job_id if lineage else checked.job_id,
         chain_depth=lineage.chain_depth if lineage else 0,
         mask=request.mask or None,
+        partial_images=request.partial_images,
     )
 
 
@@ -703,23 +719,39 @@ def _decode_page_token(token: str, user_id: str, scope: str) -> tuple[datetime, 
         raise InvalidJobRequest([("page_token", "not a page token of this list; send the one the last page gave")]) from None
 
 
-async def watch_job(deps: JobDeps, changes: JobChanges, *, job_id: str, user_id: str) -> AsyncIterator[Job]:
+@dataclass(frozen=True)
+class PreviewFrame:
+    """A preview for a watcher: a serialized JobPreview (jobs.wire.preview_payload)."""
+
+    payload: bytes
+
+
+async def watch_job(deps: JobDeps, changes: JobChanges, *, job_id: str, user_id: str) -> AsyncIterator[Job | PreviewFrame]:
     """Yields the job now, then each change, until it is final (or the stream has lasted
-    watch_max_seconds: it then ends with the current state, and the client watches again)."""
+    watch_max_seconds: it then ends with the current state, and the client watches again);
+    for a job that asked for previews, each preview too as it arrives."""
     job = await get_job(deps, job_id=job_id, user_id=user_id)
-    try:
-        watching = changes.watch(str(job.row.job_id))
-        subscription = await watching.__aenter__()
-    except WatcherLimitReached as error:
-        raise TooManyWatchers(error.limit) from None
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            subscription = await stack.enter_async_context(changes.watch(str(job.row.job_id)))
+        except WatcherLimitReached as error:
+            raise TooManyWatchers(error.limit) from None
+        previews: asyncio.Queue[bytes] | None = None
+        if job.row.partial_images and not job.final and deps.previews is not None:
+            previews = await stack.enter_async_context(deps.previews.watch(job.row.job_id))
         # Subscribed before this read, so no change slips between the two.
         job = await subscription.current(lambda: get_job(deps, job_id=job_id, user_id=user_id))
         yield job
         deadline = subscription.now() + deps.settings.watch_max_seconds
         while not job.final:
             left = deadline - subscription.now()
-            changed = await subscription.wait(min(left, deps.settings.watch_recheck_seconds))
+            waiting = asyncio.ensure_future(subscription.wait(min(left, deps.settings.watch_recheck_seconds)))
+            try:
+                async for preview in _previews_until(waiting, previews):
+                    yield PreviewFrame(preview)
+                changed = await waiting
+            finally:
+                waiting.cancel()
             if changed:
                 latest = await subscription.current(lambda: get_job(deps, job_id=job_id, user_id=user_id))
             else:
@@ -731,8 +763,21 @@ async def watch_job(deps: JobDeps, changes: JobChanges, *, job_id: str, user_id:
                 yield job
             if not changed and (subscription.closing or left <= deps.settings.watch_recheck_seconds):
                 return
-    finally:
-        await watching.__aexit__(None, None, None)
+
+
+async def _previews_until(waiting: asyncio.Future[Any], previews: asyncio.Queue[bytes] | None) -> AsyncIterator[bytes]:
+    """The previews that arrive before `waiting` is done (none without a queue)."""
+    if previews is None:
+        return
+    while not waiting.done():
+        arriving = asyncio.ensure_future(previews.get())
+        try:
+            await asyncio.wait({waiting, arriving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not arriving.done():
+                arriving.cancel()
+        if arriving.done() and not arriving.cancelled():
+            yield arriving.result()
 
 
 # ---------------------------------------------------------------- cancel, settle
@@ -743,7 +788,8 @@ async def cancel_job(deps: JobDeps, *, job_id: str, user_id: str) -> Job:
     _check_user(user_id)
     parsed = parse_job_id(job_id)
     async with _connection(deps) as conn:
-        outcome = await storage.cancel_job(conn, parsed, user_id, timeout=deps.settings.step_seconds)
+        outcome = await storage.cancel_job(conn, parsed, user_id, announce=wire.completed_event,
+                                           timeout=deps.settings.step_seconds)  # fmt: skip
     if outcome is None:
         raise JobNotFound()
     row, cancelled = outcome

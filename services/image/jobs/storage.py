@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 
 import asyncpg
 
-from services.image.jobs.events import encode_job_queued, job_queued_msg_id
+from services.image.jobs.events import encode_job_queued, job_completed_msg_id, job_queued_msg_id
 from shared.db import is_unavailable  # noqa: F401 - the use cases call storage.is_unavailable
-from shared.streams import JOB_QUEUED_SUBJECT
+from shared.streams import JOB_COMPLETED_SUBJECT, JOB_QUEUED_SUBJECT
 
 
 class JobStatus(enum.StrEnum):
@@ -77,6 +77,8 @@ class NewJob:
     root_job_id: uuid.UUID | None = None
     chain_depth: int = 0
     mask: bytes | None = None
+    # Previews per image (0007_job_previews.sql): 0 to 3.
+    partial_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ class JobRow:
     # by a process older than 0004_edit_jobs.sql), and how many parents lie between.
     root_job_id: uuid.UUID | None
     chain_depth: int
+    # Previews per image the job asked for (0: none).
+    partial_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -429,10 +433,11 @@ async def job_stats(
 
 
 async def cancel_job(
-    conn: asyncpg.Connection, job_id: uuid.UUID, user_id: str, *, timeout: float
+    conn: asyncpg.Connection, job_id: uuid.UUID, user_id: str, *, announce: CompletedEvent, timeout: float
 ) -> tuple[JobRow, bool] | None:
     """(the job, whether this call cancelled it); None when it is not the user's to see.
-    The slots not delivered yet fail, each owing its price back."""
+    The slots not delivered yet fail, each owing its price back; the completion event is
+    queued with it."""
     async with conn.transaction():
         row = _job(
             await conn.fetchrow(
@@ -448,7 +453,28 @@ async def cancel_job(
             return row, False
         await _fail_open_slots(conn, job_id, "cancelled by the user", refund=True, timeout=timeout)
         row = await _end_job(conn, job_id, JobStatus.CANCELLED, "cancelled by the user", timeout=timeout)
+        await _queue_completed(conn, row, announce, timeout=timeout)
     return row, True
+
+
+# Encodes `image.job.completed` from the final job and its delivered images (jobs.wire).
+CompletedEvent = Callable[[JobRow, Sequence[SlotRow]], bytes]
+
+
+async def _queue_completed(conn: asyncpg.Connection, row: JobRow, announce: CompletedEvent, *, timeout: float) -> None:
+    """The job's completion event into the outbox, in the transaction that made it final
+    (so it is published exactly when the job did end). Its msg_id is the job's: a job
+    ends once, and the UNIQUE msg_id would refuse a second event anyway."""
+    images = (await delivered_images(conn, [row.job_id], timeout=timeout)).get(row.job_id, [])
+    await conn.execute(
+        """INSERT INTO image.job_outbox (job_id, subject, msg_id, payload) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (msg_id) DO NOTHING""",
+        row.job_id,
+        JOB_COMPLETED_SUBJECT,
+        job_completed_msg_id(row.job_id),
+        announce(row, images),
+        timeout=timeout,
+    )
 
 
 async def _fail_open_slots(
@@ -782,9 +808,20 @@ async def mark_delivered(
 
 
 async def finish_job(
+    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, status: JobStatus, error: str, *,
+    announce: CompletedEvent, timeout: float,
+) -> JobRow | None:  # fmt: skip
+    """COMPLETED or FAILED under our lease (which it releases), with its completion event."""
+    async with conn.transaction():
+        row = await _finish(conn, job_id, owner, status, error, timeout=timeout)
+        if row is not None:
+            await _queue_completed(conn, row, announce, timeout=timeout)
+    return row
+
+
+async def _finish(
     conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, status: JobStatus, error: str, *, timeout: float
 ) -> JobRow | None:
-    """COMPLETED or FAILED under our lease (which it releases)."""
     return _job(
         await conn.fetchrow(
             f"""

@@ -38,7 +38,7 @@ import asyncpg
 from services.image.catalog import Quality, images_per_call
 from services.image.durable_consumer import Outcome, ack, retry
 from services.image.errors import DependencyUnavailable, LeaseLost
-from services.image.jobs import edits, storage
+from services.image.jobs import edits, storage, wire
 from services.image.jobs.domain import (
     ChargeNotFound,
     CreditsUnavailable,
@@ -60,9 +60,11 @@ from services.image.providers.base import (
     GenerationProvider,
     GenerationRequest,
     GenerationResult,
+    Preview,
+    PreviewCallback,
     ProviderError,
 )
-from services.image.providers.pictures import as_png
+from services.image.providers.pictures import as_png, preview_picture
 from shared.logs import logged_step
 from shared.metrics import PROVIDER_RETRIES, ProviderKind, ProviderOutcome, observe_provider_call, retry_reason
 
@@ -255,7 +257,8 @@ async def _paint(
     spec = deps.jobs.catalog.get(row.model)
     start = 0
     edit: EditInstructions | None = None
-    for count in images_per_call(spec, len(pending)):
+    # A streamed call makes one image, so a job with previews knows whose preview each is.
+    for count in images_per_call(spec, len(pending), streaming=_streams(deps, row)):
         group, rest = list(pending[start : start + count]), list(pending[start:])
         # A cancellation is looked for before every call but the first (the claim just read the job).
         latest = await _read(deps, row.job_id) if start else row
@@ -266,7 +269,7 @@ async def _paint(
         try:
             if edit is None and row.kind == JobKind.EDIT:
                 edit = await _edit_inputs(deps, row, ids)
-            result = await _generate(deps, row, len(group), ids, edit)
+            result = await _generate(deps, row, len(group), ids, edit, on_preview=_preview_sender(deps, row, group))
         except ProviderError as error:
             # Refused for good: a user error (content policy, invalid parameters) is not
             # refunded; our side's (the vendor's quota, our key, an unusable answer) is.
@@ -283,12 +286,35 @@ async def _edit_inputs(deps: WorkerDeps, row: JobRow, ids: dict) -> EditInstruct
         return await edits.edit_instructions(row, lambda read, *args: _write(deps, read, *args), deps.jobs.objects.get)
 
 
+def _streams(deps: WorkerDeps, row: JobRow) -> bool:
+    return bool(row.partial_images) and deps.jobs.previews is not None
+
+
+def _preview_sender(deps: WorkerDeps, row: JobRow, group: list[int]) -> PreviewCallback | None:
+    """Publishes each preview of the call for `group` (one slot when streaming), scaled
+    down to a small JPEG. Never billed, never stored: it only passes to the watchers."""
+    previews = deps.jobs.previews
+    if not row.partial_images or previews is None or len(group) != 1:
+        return None
+
+    async def send(preview: Preview) -> None:
+        data, width, height = await asyncio.to_thread(preview_picture, preview.image.data)
+        payload = wire.preview_payload(image_index=group[0], preview_index=preview.index, data=data,
+                                       content_type="image/jpeg", width=width, height=height)  # fmt: skip
+        await previews.publish(row.job_id, payload)
+        log.info("job.preview_sent", extra={"job_id": str(row.job_id), "slot": group[0], "preview_index": preview.index,
+                                            "size_bytes": len(data)})  # fmt: skip
+
+    return send
+
+
 async def _generate(
-    deps: WorkerDeps, row: JobRow, count: int, ids: dict, edit: EditInstructions | None = None
-) -> GenerationResult:
+    deps: WorkerDeps, row: JobRow, count: int, ids: dict, edit: EditInstructions | None = None, *,
+    on_preview: PreviewCallback | None = None,
+) -> GenerationResult:  # fmt: skip
     request = GenerationRequest(
         model=row.model, prompt=row.prompt, width=row.width, height=row.height, count=count,
-        quality=Quality(row.quality) if row.quality else None, edit=edit,
+        quality=Quality(row.quality) if row.quality else None, edit=edit, partial_images=row.partial_images,
     )  # fmt: skip
     with _step("generate", ids, images=count):
         started = time.perf_counter()
@@ -296,7 +322,7 @@ async def _generate(
         provider = "router"
         try:
             async with asyncio.timeout(deps.settings.provider_seconds):
-                result = await deps.provider.generate(request)
+                result = await deps.provider.generate(request, on_preview=on_preview)
             provider = str(result.provider)
             outcome = ProviderOutcome.OK
             return result
@@ -384,7 +410,7 @@ async def _finish(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) ->
     if failed:
         first = failed[0].error or "failed"
         error = first if not delivered else f"{len(failed)} of {row.num_images} images failed: {first}"
-    finished = await _must(deps, storage.finish_job, row.job_id, owner, status, error)
+    finished = await _must(deps, storage.finish_job, row.job_id, owner, status, error, announce=wire.completed_event)
     deps.jobs.on_queued()  # whatever the final write queued leaves at once
     JOBS_FINISHED.labels(status.value).inc()
     log.info("job.finished", extra={**ids, "status": status.value, "images_delivered": len(delivered),

@@ -117,6 +117,8 @@ class GenerationRequest:
     edit: EditInstructions | None = None  # None: a new image from the prompt
     # Serve it through this provider only (the router refuses one that does not serve the model).
     provider: ProviderName | None = None
+    # Previews to stream to `on_preview` (1 to 3) where the provider can; 0: its default.
+    partial_images: int = 0
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ MIN_SIDE = 16
 MAX_SIDE = 4096
 CAPTION_WORDS = 6
 # Previews are drawn at these fractions of the final size, coarsest first.
-PREVIEW_SCALES = (8, 4)
+PREVIEW_SCALES = (16, 8, 4)  # coarse first; n previews are the finest n
+DEFAULT_PREVIEWS = 2
 MAX_IMAGES_PER_CALL = 10
 
 
@@ -49,7 +50,7 @@ class SketchRenderer:
         if not 1 <= request.count <= MAX_IMAGES_PER_CALL:
             raise InvalidRequest(f"local: count must be 1 to {MAX_IMAGES_PER_CALL}", provider=self.name)
         if on_preview is not None:
-            for index, scale in enumerate(PREVIEW_SCALES):
+            for index, scale in enumerate(PREVIEW_SCALES[-(request.partial_images or DEFAULT_PREVIEWS):]):
                 preview = await asyncio.to_thread(_render_one, request, 0, scale)
                 await deliver_preview(on_preview, Preview(preview, index), self.name)
         # Drawing a 1024x1024 picture takes tens of milliseconds: keep it off the event loop.

@@ -125,7 +125,7 @@ class OpenAIImagesClient(VendorClient):
             raise ValueError("a streamed gpt-image-1 call makes one image; split the job (catalog.images_per_call)")
         path, fields, files = await self._request_for(request, model, quality)
         if stream:
-            fields.update(stream=True, partial_images=self.partial_images)
+            fields.update(stream=True, partial_images=max(1, min(3, request.partial_images or self.partial_images)))
             reply = await self._stream(api_key, path, fields, files, on_preview)
         else:
             reply = await self._post_fields(api_key, path, fields, files, request.count)

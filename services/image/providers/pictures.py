@@ -99,6 +99,26 @@ EDIT_INSTRUCTIONS = {
 }
 
 
+PREVIEW_LONGEST_SIDE = 256
+PREVIEW_JPEG_QUALITY = 70
+
+
+def preview_picture(data: bytes, longest_side: int = PREVIEW_LONGEST_SIDE) -> tuple[bytes, int, int]:
+    """A provider's partial image as a small JPEG (at most `longest_side` px), for a watcher's
+    stream message: (bytes, width, height). Transparency is flattened onto white."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.thumbnail((longest_side, longest_side))
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+        else:
+            flat = image.convert("RGB")
+        out = io.BytesIO()
+        flat.save(out, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
+        return out.getvalue(), flat.width, flat.height
+
+
 def edit_prompt(operation: EditOperation, prompt: str, width: int, height: int) -> str:
     return f"{EDIT_INSTRUCTIONS[operation].format(width=width, height=height)} {prompt}".strip()
 

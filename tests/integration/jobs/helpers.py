@@ -22,7 +22,9 @@ from services.image.config import Config
 from services.image.main import build
 from shared.auth import bearer_metadata
 from shared.grpc_errors import ErrorDetails, details_of
-from shared.streams import IMAGE_JOBS, JOBS_DURABLE
+from casefile.image.v1 import image_events_pb2
+from nats.js.errors import NotFoundError
+from shared.streams import IMAGE_JOBS, JOB_COMPLETED_SUBJECT, JOBS_DURABLE
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.polling import eventually
 from tests.integration.credits.helpers import CreditsUnderTest, serve_credits
@@ -204,3 +206,40 @@ async def queue_drained(nats_url: str) -> bool:
     finally:
         await nc.close()
     return info.num_ack_pending == 0 and info.num_pending == 0
+
+
+@dataclass(frozen=True)
+class CompletedEvent:
+    msg_id: str
+    job: pb.GenerationJob
+
+
+async def completed_events(nats_url: str) -> list[CompletedEvent]:
+    """Every `image.job.completed` the IMAGE_JOBS stream holds, oldest first."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        try:
+            state = (await js.stream_info(IMAGE_JOBS.name)).state
+        except NotFoundError:
+            return []
+        events = []
+        for seq in range(max(state.first_seq, 1), state.last_seq + 1):  # an empty stream has first_seq 0
+            try:
+                message = await js.get_msg(IMAGE_JOBS.name, seq)
+            except NotFoundError:
+                continue
+            if message.subject == JOB_COMPLETED_SUBJECT:
+                job = image_events_pb2.GenerationJobCompleted.FromString(message.data).job
+                events.append(CompletedEvent((message.headers or {}).get("Nats-Msg-Id", ""), job))
+        return events
+    finally:
+        await nc.close()
+
+
+async def completed_event_of(nats_url: str, job_id: str, *, timeout: float = 20) -> CompletedEvent:
+    async def published():
+        found = [event for event in await completed_events(nats_url) if event.job.job_id == job_id]
+        return found[0] if found else None
+
+    return await eventually(published, timeout=timeout, what=f"image.job.completed of {job_id}")

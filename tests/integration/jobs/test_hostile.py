@@ -32,11 +32,11 @@ async def test_hostile_creates_never_fail_internally_and_keep_the_money_straight
         await stack.credits.grant(user, 1_000_000, f"fuzz-{user}")
 
     async def check(user_id, request_id, prompt, model, width, height, num_images, quality, kind, project_id,
-                    parent_job_id, mask):  # fmt: skip
+                    parent_job_id, mask, partial_images):  # fmt: skip
         request = pb.CreateGenerationJobRequest(
             user_id=user_id, request_id=request_id, prompt=prompt, model=model, width=width, height=height,
             num_images=num_images, quality=quality, kind=kind, project_id=project_id, parent_job_id=parent_job_id,
-            mask=mask,
+            mask=mask, partial_images=partial_images,
         )  # fmt: skip
         await answer(stack.image.CreateGenerationJob(request, metadata=stack.as_gateway, timeout=20))
 
@@ -45,7 +45,7 @@ async def test_hostile_creates_never_fail_internally_and_keep_the_money_straight
         user_id=ids, request_id=request_ids, prompt=st.one_of(st.just("a ward"), hostile_text), model=models,
         width=sides, height=sides, num_images=counts, quality=enums, kind=enums,
         project_id=st.one_of(st.just(""), hostile_text), parent_job_id=st.one_of(st.just(""), job_ids),
-        mask=st.one_of(st.just(b""), st.binary(max_size=20)),
+        mask=st.one_of(st.just(b""), st.binary(max_size=20)), partial_images=counts,
     )  # fmt: skip
     # Whatever was created runs to an end (the audit then compares ledger and jobs).
     for user in ("u1", "u2"):
