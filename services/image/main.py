@@ -35,6 +35,7 @@ from services.image.portraits.domain import (
 from services.image.portraits.messaging import DeadLetters, PortraitConsumerSettings, portrait_consumer
 from services.image.portraits.story_client import StoryClient
 from services.image.providers import build_generation_providers, build_portrait_provider
+from services.image.providers.download import HostConnections
 from services.image.routing import BreakerSettings, ProviderRouter
 from shared.auth import AuthInterceptor
 from shared.background import start_supervised
@@ -78,6 +79,9 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     http = await stack.enter_async_context(
         httpx.AsyncClient(follow_redirects=False, limits=limits, transport=ShardedTransport(max_connections=connections))
     )
+    # Image downloads keep their connections alive per host name (downloads.HostConnections).
+    downloads = HostConnections()
+    stack.push_async_callback(downloads.aclose)
     timeouts = PortraitTimeouts(
         provider_seconds=config.portrait_provider_timeout_seconds,
         step_seconds=config.portrait_step_timeout_seconds,
@@ -90,6 +94,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
             recraft_base_url=config.recraft_base_url,
             allow_private_downloads=config.allow_private_downloads,
             client=http,
+            downloads=downloads,
         ),
         objects=objects,
         stories=_open_story_client(config, stack),
@@ -98,7 +103,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         provider_budget_seconds=config.portrait_attempt_budget_seconds,
     )
     _start_consumers(config, deps, stack)
-    router = provider_router(config, http)
+    router = provider_router(config, http, downloads)
     jobs_deps = await _start_jobs(config, pool, objects, router, stack)
     changes = ChangeFeed(
         config.database_url,
@@ -239,12 +244,14 @@ def _url_signer(config: Config, objects: ObjectStore) -> SignedObjects:
     return CdnSignedObjects(objects, urls)
 
 
-def provider_router(config: Config, http: httpx.AsyncClient | None = None) -> ProviderRouter:
+def provider_router(
+    config: Config, http: httpx.AsyncClient | None = None, downloads: HostConnections | None = None
+) -> ProviderRouter:
     """Generation jobs' providers: local/sketch and every vendor whose key is set."""
     settings = config.providers
     breaker = BreakerSettings(settings.breaker_failure_threshold, settings.breaker_cool_down_seconds)
     log.info("providers.configured", extra={"providers": ["local", *settings.configured()]})
-    return ProviderRouter(build_generation_providers(settings, client=http), breaker=breaker)
+    return ProviderRouter(build_generation_providers(settings, client=http, downloads=downloads), breaker=breaker)
 
 
 async def _open_database(config: Config, stack: contextlib.AsyncExitStack) -> asyncpg.Pool:

@@ -3,7 +3,7 @@
 A child process serves one 1 MiB object over HTTP/1.1 on loopback (aiohttp.web, so the
 server is the same for both clients). This process downloads it again and again with
 services.image.providers.download.ImageDownloader (httpx: bounded decoded size, redirects
-checked, one connection per host name) and with a plain aiohttp ClientSession reading the
+checked, connections kept alive per host name as the service does) and with a plain aiohttp ClientSession reading the
 whole body, and measures its own CPU time per MiB. Rounds alternate so that machine noise
 hits both. The image check after the download (Pillow) is the same for any HTTP client and
 is left out of both sides.
@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
-import httpx
 from aiohttp import web
 
-from services.image.providers.download import ImageDownloader
+from services.image.providers.download import HostConnections, ImageDownloader
 from tests.bench.report import Figure, ratio_figure
 
 CPU_AIM = "ratio <= 2"
@@ -71,8 +71,12 @@ async def run(args: argparse.Namespace) -> list[Figure]:
     try:
         port = parent.recv()
         url = f"http://127.0.0.1:{port}/image.png"
-        async with httpx.AsyncClient(follow_redirects=False) as client, aiohttp.ClientSession() as session:
-            downloader = ImageDownloader(client, allow_private=True)
+        connections = HostConnections()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(connections.aclose)
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            # What the image service downloads with: connections kept alive per host name.
+            downloader = ImageDownloader(allow_private=True, connections=connections)
 
             async def with_downloader() -> int:
                 return len(await downloader.download(url))

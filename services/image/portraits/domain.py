@@ -2,10 +2,10 @@
 
 An event says "story X may need its portrait"; it is a hint, never an authority. The story
 service says what the current attempt and its prompt are, so a forged or stale event paints
-nothing. Each attempt goes PENDING -> GENERATED (the picture kept in the database as soon
-as it exists) -> STORED (in S3 under a key of its own) -> READY (the story told), or ends
-SKIPPED or FAILED; a redelivery resumes from the first step not done, so the provider is
-paid once per attempt. One worker at a time holds an attempt (a lease kept alive while it
+nothing. Each attempt goes PENDING -> STORED (in S3 under a key of its own, as soon as the
+picture exists; GENERATED in between, the picture kept in the database, only when S3
+refused it then) -> READY (the story told), or ends SKIPPED or FAILED; a redelivery
+resumes from the first step not done, so the provider is paid once per attempt. One worker at a time holds an attempt (a lease kept alive while it
 works); every step is bounded in time, and the consumer bounds the whole delivery by the
 sum, so the lease and the heartbeats always outlive the work they cover.
 """
@@ -134,8 +134,9 @@ class PortraitTimeouts:
 
     provider_seconds: float = 90.0  # one provider call, download included
     step_seconds: float = 10.0  # one SQL statement, S3 call or story call
-    # get story, claim, keep, read kept, 2 S3 calls, mark stored, attach, mark final, and
-    # a release or a status report after a failure.
+    # get story, claim, an earlier upload's check, keep or read kept, 2 S3 calls, mark
+    # stored, attach, mark final, and a release or a status report after a failure (the
+    # longest path takes fewer: keep and mark stored never both run in one delivery).
     STEPS_PER_DELIVERY = 11
 
     @property
@@ -301,7 +302,11 @@ async def _resume(
         return await _finish(event, lease_owner, deps, AttemptStatus.SKIPPED, BLANK_PROMPT_REASON)
     key = portrait_key(event.story_id, event.attempt)
     status = claim.status
-    if status is AttemptStatus.PENDING:
+    png = None
+    if status is AttemptStatus.PENDING and claim.deliveries > 1 and await _uploaded_before(key, deps, ids):
+        # An earlier delivery put the picture up and stopped before recording it.
+        await _mark_stored(event, lease_owner, key, deps, ids)
+    elif status is AttemptStatus.PENDING:
         try:
             png = await _generate(story.prompt, deps, ids)
         except ProviderNotConfigured as error:
@@ -309,14 +314,31 @@ async def _resume(
             return await _finish(event, lease_owner, deps, AttemptStatus.FAILED, error.reason)
         except ProviderError as error:
             return await _finish(event, lease_owner, deps, AttemptStatus.FAILED, f"provider: {error.reason}")
-        with _step("keep", ids):
-            await _record(deps, storage.keep_generated, event, lease_owner, png)
-        status = AttemptStatus.GENERATED
-    if status is AttemptStatus.GENERATED:
-        await _upload(event, key, deps, ids)
-        with _step("mark_stored", ids, storage_id=key):
-            await _record(deps, storage.mark_stored, event, lease_owner, key)
+        # The picture goes straight to S3, its durable home; only if S3 fails is it kept in
+        # the database (GENERATED) for a redelivery to upload, so that nothing makes a
+        # later delivery pay the provider again. Either way it is stored durably once
+        # before the delivery ends; keeping 1 MB in PostgreSQL first cost more than the upload.
+        try:
+            await _upload(event, key, deps, ids, png)
+        except _TRANSIENT as error:
+            with _step("keep", ids):
+                await _record(deps, storage.keep_generated, event, lease_owner, png)
+            raise error from None
+        await _mark_stored(event, lease_owner, key, deps, ids)
+    elif status is AttemptStatus.GENERATED:
+        await _upload(event, key, deps, ids, None)
+        await _mark_stored(event, lease_owner, key, deps, ids)
     return await _attach(event, lease_owner, key, deps, ids)
+
+
+async def _uploaded_before(key: str, deps: PortraitDeps, ids: dict) -> bool:
+    with _step("check_uploaded", ids, storage_id=key):
+        return await deps.objects.exists(key)
+
+
+async def _mark_stored(event: PortraitEvent, lease_owner: uuid.UUID, key: str, deps: PortraitDeps, ids: dict) -> None:
+    with _step("mark_stored", ids, storage_id=key):
+        await _record(deps, storage.mark_stored, event, lease_owner, key)
 
 
 async def _generate(prompt: str, deps: PortraitDeps, ids: dict) -> bytes:
@@ -357,10 +379,12 @@ def _as_png(image: GeneratedImage) -> bytes:
         return buffer.getvalue()
 
 
-async def _upload(event: PortraitEvent, key: str, deps: PortraitDeps, ids: dict) -> None:
-    step = deps.timeouts.step_seconds
-    async with deps.pool.acquire(timeout=step) as conn:
-        png = await storage.kept_png(conn, event.story_id, event.attempt, timeout=step)
+async def _upload(event: PortraitEvent, key: str, deps: PortraitDeps, ids: dict, png: bytes | None) -> None:
+    """Puts the picture in S3: the one just generated (`png`), or, on a redelivery, the kept copy."""
+    if png is None:
+        step = deps.timeouts.step_seconds
+        async with deps.pool.acquire(timeout=step) as conn:
+            png = await storage.kept_png(conn, event.story_id, event.attempt, timeout=step)
     with _step("upload", ids, storage_id=key):
         if png is None:
             # Kept rows go only with STORED; a missing one means the object went up already.

@@ -153,14 +153,15 @@ async def mark_stored(
     *,
     timeout: float,
 ) -> bool:
-    """The object is in S3: STORED, and the kept copy is dropped."""
+    """The object is in S3: STORED, and the kept copy (if any: a picture that went up at
+    once was never kept) is dropped."""
     async with conn.transaction():
         result = await conn.execute(
             """
             UPDATE image.portraits
                SET status = 'STORED', storage_id = $4, error = NULL, update_time = now()
              WHERE story_id = $1 AND attempt = $2 AND lease_owner = $3
-               AND status IN ('GENERATED', 'STORED')
+               AND status IN ('PENDING', 'GENERATED', 'STORED')
             """,
             story_id,
             attempt,

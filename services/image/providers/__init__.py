@@ -30,7 +30,7 @@ from services.image.providers.base import (
     ProviderNotConfigured,
     ProviderUnavailable,
 )
-from services.image.providers.download import ImageDownloader
+from services.image.providers.download import HostConnections, ImageDownloader
 from services.image.providers.gemini import GeminiClient
 from services.image.providers.local import LocalProvider, SketchRenderer
 from services.image.providers.openai_images import OpenAIImagesClient
@@ -84,6 +84,7 @@ def build_portrait_provider(
     recraft_base_url: str | None,
     allow_private_downloads: bool,
     client: httpx.AsyncClient | None = None,
+    downloads: HostConnections | None = None,
 ) -> ImageProvider:
     """Builds the configured provider; a recraft provider without a key is still built.
 
@@ -97,7 +98,7 @@ def build_portrait_provider(
         return RecraftProvider(
             recraft_api_key,
             recraft_base_url or RECRAFT_DEFAULT_BASE_URL,
-            downloader=ImageDownloader(client, allow_private=allow_private_downloads),
+            downloader=ImageDownloader(client, allow_private=allow_private_downloads, connections=downloads),
             client=client,
         )
     raise ValueError(
@@ -106,10 +107,13 @@ def build_portrait_provider(
 
 
 def build_generation_providers(
-    settings: ProviderSettings, *, client: httpx.AsyncClient | None = None
+    settings: ProviderSettings,
+    *,
+    client: httpx.AsyncClient | None = None,
+    downloads: HostConnections | None = None,
 ) -> dict[ProviderName, GenerationProvider]:
     """The built-in renderer, and every vendor client whose key is set (the router's input)."""
-    downloader = ImageDownloader(client, allow_private=settings.allow_private_downloads)
+    downloader = ImageDownloader(client, allow_private=settings.allow_private_downloads, connections=downloads)
     timeout = settings.request_timeout_seconds
     providers: dict[ProviderName, GenerationProvider] = {ProviderName.LOCAL: SketchRenderer()}
     vendors = {

@@ -8,8 +8,10 @@ import ipaddress
 import logging
 import socket
 import zlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
+import httpcore
 import httpx
 
 from services.image.providers.base import GeneratedImage, ProviderError
@@ -21,10 +23,74 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 3
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# Every download connection is closed after its one response: a pooled connection pinned to
-# an address could otherwise serve a later request for another host name at that address,
-# under the first name's TLS session. We decode bodies ourselves to count decoded bytes.
-_DOWNLOAD_HEADERS = {"Connection": "close", "Accept-Encoding": "gzip, deflate"}
+# We decode bodies ourselves to count decoded bytes.
+_DOWNLOAD_HEADERS = {"Accept-Encoding": "gzip, deflate"}
+# A client shared by every host name (one a caller passes in) closes each connection after
+# its one response: a pooled connection pinned to an address could otherwise serve a later
+# request for another host name at that address, under the first name's TLS session.
+_ONE_SHOT_HEADERS = {**_DOWNLOAD_HEADERS, "Connection": "close"}
+# httpcore reads at most 64 KiB per receive; asyncio hands it up to 256 KiB at a time, and
+# anyio slices the rest off into a new bytes object on every read, so a 1 MiB body cost
+# about a dozen copies of its tail. One read takes whatever arrived. The attribute is
+# httpcore's per-connection read cap for every client of the process; nothing is allocated
+# up front by it, so the provider calls' clients lose nothing.
+_READ_BYTES = 1024 * 1024
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = max(httpcore.AsyncHTTP11Connection.READ_NUM_BYTES, _READ_BYTES)
+# Host names whose connections are kept; providers serve images from a handful of hosts.
+MAX_KEPT_HOSTS = 32
+CONNECTIONS_PER_HOST = 32
+KEEPALIVE_SECONDS = 30.0
+
+
+class HostConnections:
+    """Kept-alive download connections, one small pool per (scheme, host name, port, address).
+
+    A connection is only ever reused for the host name it was opened for, at the address
+    that name was checked to have, so keeping it alive cannot carry one name's request over
+    another name's connection (or TLS session). Saving the TCP (and TLS) set-up of every
+    image is most of the download's CPU on a fast network.
+    """
+
+    def __init__(
+        self, *, max_hosts: int = MAX_KEPT_HOSTS, connections_per_host: int = CONNECTIONS_PER_HOST
+    ) -> None:
+        self._max_hosts = max_hosts
+        self._limits = httpx.Limits(
+            max_connections=connections_per_host,
+            max_keepalive_connections=connections_per_host,
+            keepalive_expiry=KEEPALIVE_SECONDS,
+        )
+        self._clients: OrderedDict[tuple, httpx.AsyncClient] = OrderedDict()
+        self._retiring: set[asyncio.Task] = set()
+
+    def client_for(self, target: httpx.URL, address: IpAddress | None) -> httpx.AsyncClient:
+        key = (target.scheme, target.host, target.port, str(address) if address else None)
+        client = self._clients.get(key)
+        if client is None:
+            client = httpx.AsyncClient(follow_redirects=False, limits=self._limits)
+            self._clients[key] = client
+            if len(self._clients) > self._max_hosts:
+                self._retire(self._clients.popitem(last=False)[1])
+        else:
+            self._clients.move_to_end(key)
+        return client
+
+    def _retire(self, client: httpx.AsyncClient) -> None:
+        # A download may still be reading from it: close it once any download would be over.
+        async def close_later() -> None:
+            await asyncio.sleep(KEEPALIVE_SECONDS)
+            await client.aclose()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        clients, self._clients = list(self._clients.values()), OrderedDict()
+        for client in clients:
+            await client.aclose()
 
 
 class ImageDownloader:
@@ -36,8 +102,13 @@ class ImageDownloader:
         max_bytes: int = 20 * 1024 * 1024,
         allow_private: bool = False,
         timeout: float = 30,
+        *,
+        connections: HostConnections | None = None,
     ) -> None:
+        """`connections` keeps connections alive per host name (the service's way);
+        otherwise `client` (or a new one per download) closes each after its response."""
         self._client = client
+        self._connections = connections
         self.max_bytes = max_bytes
         self.allow_private = allow_private
         self.timeout = timeout
@@ -56,10 +127,15 @@ class ImageDownloader:
             raise ProviderError("image download timed out", transient=True) from None
 
     async def _download(self, url: str) -> bytes:
-        async with self._http_client() as client:
+        async with self._one_shot_client() as one_shot:
             for _ in range(MAX_REDIRECTS + 1):
-                request = await self._build_request(client, url)
-                response = await _send(client, request)
+                target = _parse_http_url(url)
+                address = None if self.allow_private else await _resolve_public_address(target)
+                if one_shot is None:
+                    client, headers = self._connections.client_for(target, address), _DOWNLOAD_HEADERS
+                else:
+                    client, headers = one_shot, _ONE_SHOT_HEADERS
+                response = await _send(client, _build_request(client, target, address, headers))
                 try:
                     if response.status_code not in REDIRECT_STATUSES:
                         return await self._read_body(response)
@@ -69,25 +145,15 @@ class ImageDownloader:
         raise ProviderError(f"image download: more than {MAX_REDIRECTS} redirects", transient=False)
 
     @contextlib.asynccontextmanager
-    async def _http_client(self) -> AsyncIterator[httpx.AsyncClient]:
-        if self._client is not None:
+    async def _one_shot_client(self) -> AsyncIterator[httpx.AsyncClient | None]:
+        """The client whose connections serve one response each; None with HostConnections."""
+        if self._connections is not None:
+            yield None
+        elif self._client is not None:
             yield self._client
-            return
-        async with httpx.AsyncClient(follow_redirects=False) as client:
-            yield client
-
-    async def _build_request(self, client: httpx.AsyncClient, url: str) -> httpx.Request:
-        target = _parse_http_url(url)
-        if self.allow_private:
-            return client.build_request("GET", target, headers=_DOWNLOAD_HEADERS)
-        address = await _resolve_public_address(target)
-        # Connect to the address we checked, not to whatever a second DNS lookup returns
-        # (DNS rebinding); Host and SNI keep the original name so TLS still verifies it.
-        pinned = target.copy_with(host=str(address))
-        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-        return client.build_request(
-            "GET", pinned, headers={**_DOWNLOAD_HEADERS, "Host": _host_header(target)}, extensions=extensions
-        )
+        else:
+            async with httpx.AsyncClient(follow_redirects=False) as client:
+                yield client
 
     async def _read_body(self, response: httpx.Response) -> bytes:
         _raise_for_status(response)
@@ -152,6 +218,18 @@ class _Inflate:
             return self._inflater.flush(max(room, 1))
         except zlib.error:
             raise ProviderError("image download: corrupt content-encoding", transient=False) from None
+
+
+def _build_request(
+    client: httpx.AsyncClient, target: httpx.URL, address: IpAddress | None, headers: dict[str, str]
+) -> httpx.Request:
+    if address is None:
+        return client.build_request("GET", target, headers=headers)
+    # Connect to the address we checked, not to whatever a second DNS lookup returns
+    # (DNS rebinding); Host and SNI keep the original name so TLS still verifies it.
+    pinned = target.copy_with(host=str(address))
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    return client.build_request("GET", pinned, headers={**headers, "Host": _host_header(target)}, extensions=extensions)
 
 
 def _decoder_for(content_encoding: str) -> _Identity | _Inflate:
