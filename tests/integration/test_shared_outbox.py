@@ -336,6 +336,9 @@ async def test_the_story_service_hands_its_events_off_claimed(database_url, nats
             for _ in range(3)
         ]
         await until(lambda: len(published) == 3, timeout=5, what="the events")
+        # The mark follows the publish's ack: wait for it before reading the rows.
+        await until(lambda: db.fetchval("SELECT count(*) = 3 FROM story.outbox WHERE published_at IS NOT NULL"),
+                    timeout=5, what="the marks")  # fmt: skip
         rows = await db.fetch("SELECT published_at, attempts FROM story.outbox ORDER BY outbox_id")
     assert published == [f"story.created:{story.story_id}:1" for story in stories]
     # Published and marked by the handoff: no relay round ever claimed them (attempts counts claims).
