@@ -1,15 +1,15 @@
 """A bare grpc.aio server answering one unary method with a fixed payload: the baseline.
 
 It does what the story service's GetStory costs at the transport level (same payload size,
-same grpc.aio runtime, its own process) and nothing else: no auth, no database.
+same grpc.aio runtime and uvloop, its own process) and nothing else: no auth, no database.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import grpc
+import uvloop
 
 SERVICE = "bench.Echo"
 METHOD = f"/{SERVICE}/Reply"
@@ -31,4 +31,6 @@ async def serve(port: int, payload_size: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(int(sys.argv[1]), int(sys.argv[2])))
+    # The services run on uvloop (shared/grpc_server.serve_main): the same loop here, so the
+    # ratio compares the service's own work, not two event loops.
+    uvloop.run(serve(int(sys.argv[1]), int(sys.argv[2])))
