@@ -77,12 +77,7 @@ async def run(args: argparse.Namespace) -> list[Figure]:
                 "JOB_CONCURRENCY": str(args.jobs), "JOB_MAX_ACK_PENDING": str(max(10_000, args.jobs * 2)),
                 "JOB_INTENT_SECONDS": "120",
             }  # fmt: skip
-            credits = ServiceProcess("credits", env, work / "credits.log").start()
-            processes.append(credits)
-            await credits.wait_healthy(env["CREDITS_ADDR"])
-            image = ServiceProcess("image", env, work / "image.log").start()
-            processes.append(image)
-            await image.wait_healthy(env["IMAGE_ADDR"])
+            image = await jobs_scale.start_credits_and_image(env, work, processes)
             async with grpc.aio.insecure_channel(env["IMAGE_ADDR"]) as channel, \
                     grpc.aio.insecure_channel(env["CREDITS_ADDR"]) as credits_channel:  # fmt: skip
                 stub = image_service_pb2_grpc.ImageServiceStub(channel)

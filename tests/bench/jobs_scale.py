@@ -92,6 +92,17 @@ def services_env(database_url: str, nats_server, s3, provider_url: str) -> dict[
     }  # fmt: skip
 
 
+async def start_credits_and_image(env: dict[str, str], work, processes: list) -> ServiceProcess:
+    """The credits service, then one image process, both healthy; added to `processes`."""
+    credits = ServiceProcess("credits", env, work / "credits.log").start()
+    processes.append(credits)
+    await credits.wait_healthy(env["CREDITS_ADDR"])
+    image = ServiceProcess("image", env, work / "image.log").start()
+    processes.append(image)
+    await image.wait_healthy(env["IMAGE_ADDR"])
+    return image
+
+
 def _users(label: str) -> list[str]:
     return [f"bench-scale-{label}-{n}" for n in range(USERS)]
 

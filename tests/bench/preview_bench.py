@@ -30,7 +30,7 @@ from tests.bench.harness import AS_GATEWAY, bench_database
 from tests.bench.jobs_bench import _fund, _percentile
 from tests.bench.report import Figure, figure, ratio_figure
 from tests.fakes.openai_images import FakeOpenAIImages
-from tools.infra import MotoS3Server, NatsServer, ServiceProcess
+from tools.infra import MotoS3Server, NatsServer
 
 FIRST_PREVIEW_AIM = "value <= 50"
 USER = "bench-previews"
@@ -53,12 +53,7 @@ async def run(args: argparse.Namespace) -> list[Figure]:
             processes += [nats_server, s3]
             env = {**jobs_scale.services_env(database_url, nats_server, s3, fake.api_base_url),
                    "OPENAI_API_KEY": fake.api_key}  # fmt: skip
-            credits = ServiceProcess("credits", env, work / "credits.log").start()
-            processes.append(credits)
-            await credits.wait_healthy(env["CREDITS_ADDR"])
-            image = ServiceProcess("image", env, work / "image.log").start()
-            processes.append(image)
-            await image.wait_healthy(env["IMAGE_ADDR"])
+            await jobs_scale.start_credits_and_image(env, work, processes)
             async with grpc.aio.insecure_channel(env["IMAGE_ADDR"]) as channel, \
                     grpc.aio.insecure_channel(env["CREDITS_ADDR"]) as credits_channel:  # fmt: skip
                 await _fund(credits_service_pb2_grpc.CreditsServiceStub(credits_channel), [USER])

@@ -222,21 +222,23 @@ async def test_published_rows_are_pruned_after_the_retention(pool, database_url,
     assert len(published) == 5
 
 
-async def test_the_story_service_relays_through_it_and_is_woken_by_its_own_commits(database_url, nats_server, published):
+@contextlib.asynccontextmanager
+async def story_service(database_url, nats_server):
+    """A story service in this process whose poll lies beyond any test: only its own
+    handoff (or a NOTIFY) can publish in time. Yields its stub."""
     config = Config.from_env(
-        {
-            "STORY_ADDR": "127.0.0.1:0",
-            "DATABASE_URL": database_url,
-            "NATS_URL": nats_server.url,
-            "AUTH_TOKENS": TOKENS,
-            "OUTBOX_POLL_INTERVAL_SECONDS": "60",
-        }
-    )
+        {"STORY_ADDR": "127.0.0.1:0", "DATABASE_URL": database_url, "NATS_URL": nats_server.url,
+         "AUTH_TOKENS": TOKENS, "OUTBOX_POLL_INTERVAL_SECONDS": "60"}
+    )  # fmt: skip
     async with contextlib.AsyncExitStack() as stack:
         server = await build(config, stack)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         stack.push_async_callback(channel.close)
-        stub = story_service_pb2_grpc.StoryServiceStub(channel)
+        yield story_service_pb2_grpc.StoryServiceStub(channel)
+
+
+async def test_the_story_service_relays_through_it_and_is_woken_by_its_own_commits(database_url, nats_server, published):
+    async with story_service(database_url, nats_server) as stub:
         story = (await stub.GenerateStory(pb.GenerateStoryRequest(user_id="u1"), metadata=bearer_metadata("t-gateway"))).story
         await until(lambda: published, timeout=5, what="the event")
     assert published == [f"story.created:{story.story_id}:1"]
@@ -322,15 +324,7 @@ async def test_a_row_whose_process_died_before_handing_it_off_is_relayed_once_it
 
 
 async def test_the_story_service_hands_its_events_off_claimed(database_url, nats_server, published, db):
-    config = Config.from_env(
-        {"STORY_ADDR": "127.0.0.1:0", "DATABASE_URL": database_url, "NATS_URL": nats_server.url,
-         "AUTH_TOKENS": TOKENS, "OUTBOX_POLL_INTERVAL_SECONDS": "60"}
-    )  # fmt: skip
-    async with contextlib.AsyncExitStack() as stack:
-        server = await build(config, stack)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-        stack.push_async_callback(channel.close)
-        stub = story_service_pb2_grpc.StoryServiceStub(channel)
+    async with story_service(database_url, nats_server) as stub:
         stories = [
             (await stub.GenerateStory(pb.GenerateStoryRequest(user_id="u1"), metadata=bearer_metadata("t-gateway"))).story
             for _ in range(3)
