@@ -16,11 +16,11 @@ from services.image.errors import DependencyUnavailable
 from services.image.jobs import domain as jobs
 from services.image.jobs import wire
 from services.image.jobs.wire import EDIT_OPERATION_PROTO, JOB_STATUS_PROTO, QUALITY_PROTO
-from services.image.jobs.wire import timestamp as _timestamp
 from services.image.jobs.domain import JobStatus
 from services.image.routing import ProviderRouter, ServedModel
 from shared.auth import allow, current_caller
 from shared.grpc_errors import ErrorTable
+from shared.proto_time import to_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             expires_in_seconds=request.expires_in_seconds,
             owns=owns,
         )
-        return pb.GetImageUrlResponse(url=signed.url, expire_time=_timestamp(signed.expire_time))
+        return pb.GetImageUrlResponse(url=signed.url, expire_time=to_timestamp(signed.expire_time))
 
     @_refusing_errors
     async def CreateGenerationJob(self, request, context):

@@ -7,15 +7,14 @@ inside the transaction that makes a job final (so the event says exactly what wa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from casefile.image.v1 import image_events_pb2
 from casefile.image.v1 import image_service_pb2 as pb
 from services.image.catalog import EditOperation, Quality
 from services.image.jobs.storage import JobRow, JobStatus
+from shared.proto_time import to_timestamp
 
 JOB_STATUS_PROTO = {
     JobStatus.PENDING: pb.JOB_STATUS_PENDING,
@@ -71,8 +70,8 @@ def job_message(row: JobRow, images: Sequence[Any]) -> pb.GenerationJob:
         error_message=row.error_message,
         credits_charged=row.credits_charged,
         credits_refunded=row.credits_refunded,
-        create_time=timestamp(row.create_time),
-        update_time=timestamp(row.update_time),
+        create_time=to_timestamp(row.create_time),
+        update_time=to_timestamp(row.update_time),
         processing_time_ms=processing_time_ms(row),
         kind=_KIND_PROTO.get(row.kind, pb.JOB_KIND_GENERATE),
         parent_job_id=str(row.parent_job_id) if row.parent_job_id else "",
@@ -89,7 +88,7 @@ def job_message(row: JobRow, images: Sequence[Any]) -> pb.GenerationJob:
         partial_images=row.partial_images,
     )
     if row.complete_time is not None:
-        message.complete_time.CopyFrom(timestamp(row.complete_time))
+        message.complete_time.CopyFrom(to_timestamp(row.complete_time))
     return message
 
 
@@ -103,9 +102,3 @@ def preview_payload(*, image_index: int, preview_index: int, data: bytes, conten
     """A JobPreview as it travels over NATS and into WatchGenerationJobResponse.preview."""
     return pb.JobPreview(image_index=image_index, preview_index=preview_index, data=data, content_type=content_type,
                          width=width, height=height).SerializeToString()  # fmt: skip
-
-
-def timestamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
