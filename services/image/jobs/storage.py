@@ -368,13 +368,29 @@ async def job_slots(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: flo
     return [_slot(record) for record in records]
 
 
-async def kept_slots(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float) -> list[tuple[SlotRow, bytes]]:
-    """The GENERATED slots with their kept pictures, in slot order."""
+async def start_uploading(
+    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, *, timeout: float
+) -> list[tuple[SlotRow, bytes]] | None:
+    """The GENERATED slots with their kept pictures, in slot order, the job made UPLOADING
+    under our lease when there are any, in one statement; None when there are some but the
+    job is no longer ours."""
     records = await conn.fetch(
-        f"SELECT {_SLOT_COLUMNS}, i.png FROM image.job_images i WHERE i.job_id = $1 AND i.status = 'GENERATED' ORDER BY i.slot",
+        f"""
+        WITH kept AS (
+            SELECT {_SLOT_COLUMNS}, i.png FROM image.job_images i WHERE i.job_id = $1 AND i.status = 'GENERATED'),
+        job AS (
+            UPDATE image.jobs SET status = 'UPLOADING', start_time = coalesce(start_time, clock_timestamp()),
+                   update_time = clock_timestamp()
+             WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL} AND EXISTS (SELECT FROM kept)
+            RETURNING job_id)
+        SELECT kept.*, EXISTS (SELECT FROM job) AS held FROM kept ORDER BY kept.slot
+        """,
         job_id,
+        owner,
         timeout=timeout,
     )
+    if records and not records[0]["held"]:
+        return None
     return [(_slot(record), record["png"]) for record in records]
 
 
@@ -461,11 +477,16 @@ async def cancel_job(
 CompletedEvent = Callable[[JobRow, Sequence[SlotRow]], bytes]
 
 
-async def _queue_completed(conn: asyncpg.Connection, row: JobRow, announce: CompletedEvent, *, timeout: float) -> None:
+async def _queue_completed(
+    conn: asyncpg.Connection, row: JobRow, announce: CompletedEvent, *, images: Sequence[SlotRow] | None = None,
+    timeout: float,
+) -> None:  # fmt: skip
     """The job's completion event into the outbox, in the transaction that made it final
-    (so it is published exactly when the job did end). Its msg_id is the job's: a job
-    ends once, and the UNIQUE msg_id would refuse a second event anyway."""
-    images = (await delivered_images(conn, [row.job_id], timeout=timeout)).get(row.job_id, [])
+    (so it is published exactly when the job did end), with its delivered `images` (read
+    here when not given). Its msg_id is the job's: a job ends once, and the UNIQUE msg_id
+    would refuse a second event anyway."""
+    if images is None:
+        images = (await delivered_images(conn, [row.job_id], timeout=timeout)).get(row.job_id, [])
     await conn.execute(
         """INSERT INTO image.job_outbox (job_id, subject, msg_id, payload) VALUES ($1, $2, $3, $4)
            ON CONFLICT (msg_id) DO NOTHING""",
@@ -677,22 +698,6 @@ async def release_job(
     return _updated(result) == 1
 
 
-async def set_status(
-    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, status: JobStatus, *, timeout: float
-) -> bool:
-    """PROCESSING (the first time: start_time) or UPLOADING, under our lease."""
-    result = await conn.execute(
-        f"""UPDATE image.jobs SET status = $3, start_time = coalesce(start_time, clock_timestamp()),
-                   update_time = clock_timestamp()
-             WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL}""",
-        job_id,
-        owner,
-        status.value,
-        timeout=timeout,
-    )
-    return _updated(result) == 1
-
-
 @dataclass(frozen=True)
 class KeptPicture:
     slot: int
@@ -809,13 +814,17 @@ async def mark_delivered(
 
 async def finish_job(
     conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, status: JobStatus, error: str, *,
-    announce: CompletedEvent, timeout: float,
+    announce: CompletedEvent, delivered: Sequence[SlotRow], timeout: float,
 ) -> JobRow | None:  # fmt: skip
-    """COMPLETED or FAILED under our lease (which it releases), with its completion event."""
+    """COMPLETED or FAILED under our lease (which it releases), with its completion event.
+
+    `delivered` are the job's DELIVERED slots as its worker read them under the same lease
+    (no one else changes a leased job's slots; a cancel takes the lease, and then nothing
+    is written here), so the event need not read them again."""
     async with conn.transaction():
         row = await _finish(conn, job_id, owner, status, error, timeout=timeout)
         if row is not None:
-            await _queue_completed(conn, row, announce, timeout=timeout)
+            await _queue_completed(conn, row, announce, images=delivered, timeout=timeout)
     return row
 
 

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 
@@ -242,9 +242,11 @@ async def _advance(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -
             stopped = None
         if stopped is not None:
             return stopped
-    kept = await _write(deps, storage.kept_slots, row.job_id)
+    kept = await _write(deps, storage.start_uploading, row.job_id, owner)
+    if kept is None:
+        _lease_lost(row.job_id, storage.start_uploading)
     if kept:
-        await _must(deps, storage.set_status, row.job_id, owner, JobStatus.UPLOADING)
+        deps.jobs.on_changed(row.job_id)
         for slot, png in kept:
             await _upload(deps, row, owner, slot, png, ids)
     return await _finish(deps, row, owner, ids)
@@ -410,7 +412,8 @@ async def _finish(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) ->
     if failed:
         first = failed[0].error or "failed"
         error = first if not delivered else f"{len(failed)} of {row.num_images} images failed: {first}"
-    finished = await _must(deps, storage.finish_job, row.job_id, owner, status, error, announce=wire.completed_event)
+    finished = await _must(deps, storage.finish_job, row.job_id, owner, status, error, announce=wire.completed_event,
+                           delivered=delivered)  # fmt: skip
     deps.jobs.on_queued()  # whatever the final write queued leaves at once
     JOBS_FINISHED.labels(status.value).inc()
     log.info("job.finished", extra={**ids, "status": status.value, "images_delivered": len(delivered),
@@ -449,10 +452,14 @@ async def _must(deps: WorkerDeps, write: Any, *args: Any, **kwargs: Any) -> Any:
     """A write under our lease; LeaseLost when the job is no longer ours (cancelled, taken over)."""
     result = await _write(deps, write, *args, **kwargs)
     if not result:
-        log.warning("job.lease_lost", extra={"job_id": str(args[0]), "write": write.__name__})
-        raise LeaseLost(f"{write.__name__}: the job is no longer ours")
+        _lease_lost(args[0], write)
     deps.jobs.on_changed(args[0])
     return result
+
+
+def _lease_lost(job_id: uuid.UUID, write: Any) -> NoReturn:
+    log.warning("job.lease_lost", extra={"job_id": str(job_id), "write": write.__name__})
+    raise LeaseLost(f"{write.__name__}: the job is no longer ours")
 
 
 async def _read(deps: WorkerDeps, job_id: uuid.UUID) -> JobRow | None:
@@ -471,11 +478,18 @@ async def _release(deps: WorkerDeps, job_id: uuid.UUID, owner: uuid.UUID, *, ret
         log.warning("job.release_failed", extra={"job_id": str(job_id), "error": _describe(error)})
 
 
+# Steps that wait on another system for long enough that "started" tells an operator
+# where a job is; the others (a statement, a credits call) log only their end, which
+# carries the duration and the error: two lines each of those were a seventh of a job's CPU.
+_STEPS_LOGGING_START = frozenset({"fetch_edit_inputs", "generate", "upload"})
+
+
 @contextlib.contextmanager
 def _step(step: str, ids: dict, **fields: Any) -> Iterator[None]:
-    """Each step logs its start and end (job_id, step, duration_ms, error) and is timed in
-    casefile_job_step_seconds."""
-    with logged_step(log, "job", step, ids, describe=_describe, observe=observe_step, **fields):
+    """Each step logs its end (job_id, step, duration_ms, error), the long ones their start
+    too, and is timed in casefile_job_step_seconds."""
+    with logged_step(log, "job", step, ids, describe=_describe, observe=observe_step,
+                     log_start=step in _STEPS_LOGGING_START, **fields):  # fmt: skip
         yield
 
 
