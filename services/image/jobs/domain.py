@@ -807,12 +807,14 @@ async def cancel_job(deps: JobDeps, *, job_id: str, user_id: str) -> Job:
     return await _job(deps, row)
 
 
-async def settle_job(deps: JobDeps, row: JobRow) -> JobRow:
+async def settle_job(deps: JobDeps, row: JobRow, slots: Sequence[SlotRow] | None = None) -> JobRow:
     """Pays what a final job owes: each refund once, then RecordGeneration once; the job
-    row as settled. DependencyUnavailable when credits is away (call again later)."""
+    row as settled. DependencyUnavailable when credits is away (call again later).
+    `slots`: the final job's slots when the caller has just read them (read here if not)."""
     if row.settled:
         return row
-    slots = await _write(deps, storage.job_slots, row.job_id)
+    if slots is None:
+        slots = await _write(deps, storage.job_slots, row.job_id)
     for slot in slots:
         if slot.status is SlotStatus.FAILED and slot.reserved_bytes is not None:
             await _give_back_storage(deps, row, slot)

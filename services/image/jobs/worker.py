@@ -177,6 +177,8 @@ async def _under_lease(deps: WorkerDeps, job_id: uuid.UUID, owner: uuid.UUID, id
         return done
     # Final, and the lease given back with the final write: settling needs no lease (each
     # credits call is idempotent), and a renewal would now find the lease gone.
+    if isinstance(done, Finished):
+        return await _settle(deps, done.row, ids, done.slots)
     return await _settle(deps, done, ids)
 
 
@@ -225,7 +227,7 @@ async def _abandon(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -
 # ---------------------------------------------------------------- the run
 
 
-async def _advance(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> Outcome | JobRow:
+async def _advance(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> Outcome | JobRow | Finished:
     if _past_deadline(deps, row):
         await _must(deps, storage.fail_slots, row.job_id, owner, None,
                     f"not finished within {deps.settings.job_max_seconds:g} s", refund=True)  # fmt: skip
@@ -402,7 +404,16 @@ async def _upload(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, slot: SlotRow
         await _must(deps, storage.mark_delivered, row.job_id, owner, slot.slot, key)
 
 
-async def _finish(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> JobRow:
+@dataclass(frozen=True)
+class Finished:
+    """A job this run made final, with its slots as they were when it did (no one changes
+    the slots of a final job but its settling), so settling need not read them again."""
+
+    row: JobRow
+    slots: list[SlotRow]
+
+
+async def _finish(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -> Finished:
     """The job made final (its lease released); the caller settles it outside the lease."""
     slots = await _read_slots(deps, row.job_id)
     delivered = [slot for slot in slots if slot.status is SlotStatus.DELIVERED]
@@ -418,13 +429,13 @@ async def _finish(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) ->
     JOBS_FINISHED.labels(status.value).inc()
     log.info("job.finished", extra={**ids, "status": status.value, "images_delivered": len(delivered),
                                     "credits_refunded": finished.credits_refunded, "error": error or None})  # fmt: skip
-    return finished
+    return Finished(finished, slots)
 
 
-async def _settle(deps: WorkerDeps, row: JobRow, ids: dict) -> Outcome:
+async def _settle(deps: WorkerDeps, row: JobRow, ids: dict, slots: list[SlotRow] | None = None) -> Outcome:
     try:
         with _step("settle", ids):
-            await settle_job(deps.jobs, row)
+            await settle_job(deps.jobs, row, slots)
     except (CreditsUnavailable, *_TRANSIENT) as error:
         return retry(f"settling: {_describe(error)}", status="SETTLE_RETRY")
     except ChargeNotFound as error:
