@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from services.story import storage
+from services.story.coalesced_reads import CoalescedReads
 from shared.change_feed import WatcherLimitReached
 from services.story import model
 from services.story.difficulty import story_typing_difficulty
@@ -413,10 +414,23 @@ async def _store_new_story(
     return story
 
 
-async def get_story(pool: asyncpg.Pool, story_id: str) -> Story:
+StoryReads = CoalescedReads[str, Story]
+
+
+def story_reads(pool: asyncpg.Pool) -> StoryReads:
+    """Reads of stories by id: calls that come while a read is on its way share the next
+    SELECT (services/story/coalesced_reads.py)."""
+
+    async def fetch(story_ids: list[str]) -> dict[str, Story]:
+        async with _connection(pool) as conn:
+            return await storage.get_stories(conn, story_ids)
+
+    return CoalescedReads(fetch)
+
+
+async def get_story(reads: StoryReads, story_id: str) -> Story:
     story_id = validate_story_id(story_id)
-    async with _connection(pool) as conn:
-        story = await storage.get_story(conn, story_id)
+    story = await reads.get(story_id)
     if story is None:
         raise StoryNotFound(story_id)
     return story
@@ -537,7 +551,7 @@ class WatchLimits:
 
 
 async def watch_story(
-    pool: asyncpg.Pool,
+    reads: StoryReads,
     changes: StoryChanges,
     *,
     story_id: str,
@@ -552,23 +566,23 @@ async def watch_story(
     except WatcherLimitReached as error:
         raise TooManyWatchers(error.limit) from None
     try:
-        async for story in _changes_until_final(pool, subscription, story_id, limits):
+        async for story in _changes_until_final(reads, subscription, story_id, limits):
             yield story
     finally:
         await watching.__aexit__(None, None, None)
 
 
 async def _changes_until_final(
-    pool: asyncpg.Pool, subscription: Any, story_id: str, limits: WatchLimits
+    reads: StoryReads, subscription: Any, story_id: str, limits: WatchLimits
 ) -> AsyncIterator[Story]:
     # Subscribed before the first read, so no change can slip between the two; watchers of
     # one story share each read (subscription.current).
-    story = await subscription.current(lambda: get_story(pool, story_id))
+    story = await subscription.current(lambda: get_story(reads, story_id))
     yield story
     deadline = subscription.now() + limits.max_seconds
     while story.portrait_status not in FINAL_PORTRAIT_STATUSES:
         changed = await subscription.wait(deadline - subscription.now())
-        latest = await subscription.current(lambda: get_story(pool, story_id))
+        latest = await subscription.current(lambda: get_story(reads, story_id))
         if latest.update_time != story.update_time:
             story = latest
             yield story

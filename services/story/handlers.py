@@ -160,6 +160,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
         watch_limits: domain.WatchLimits | None = None,
     ) -> None:
         self._pool = pool
+        self._reads = domain.story_reads(pool)
         self._writer = writer
         self._events = events
         self._changes = changes
@@ -192,7 +193,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
 
     @_abort_on_domain_error
     async def GetStory(self, request: pb.GetStoryRequest, context: grpc.aio.ServicerContext) -> pb.GetStoryResponse:
-        story = await domain.get_story(self._pool, request.story_id)
+        story = await domain.get_story(self._reads, request.story_id)
         return pb.GetStoryResponse(story=story_to_proto(story))
 
     @_abort_on_domain_error
@@ -209,7 +210,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
     ) -> AsyncIterator[pb.WatchStoryResponse]:
         try:
             async for story in domain.watch_story(
-                self._pool, self._changes, story_id=request.story_id, limits=self._watch_limits
+                self._reads, self._changes, story_id=request.story_id, limits=self._watch_limits
             ):
                 yield pb.WatchStoryResponse(story=story_to_proto(story))
         except domain.DomainError as error:

@@ -28,6 +28,8 @@ _STORY_COLUMNS = ", ".join(["story_id::text AS story_id", *_COLUMNS])
 _STORY_COLUMNS_OF_S = ", ".join(["s.story_id::text AS story_id", *(f"s.{column}" for column in _COLUMNS)])
 # GetStory's one statement (also what tests/bench/select_server.py measures as the ceiling).
 GET_STORY_SQL = f"SELECT {_STORY_COLUMNS} FROM story.stories WHERE story_id = $1"
+# GetStory calls coalesced (services/story/coalesced_reads.py): any number of ids, one round trip.
+GET_STORIES_SQL = f"SELECT {_STORY_COLUMNS} FROM story.stories WHERE story_id = ANY($1::uuid[])"
 
 
 def _story_from_row(row: asyncpg.Record) -> model.Story:
@@ -174,6 +176,12 @@ async def get_story(conn: asyncpg.Connection, story_id: str, *, for_update: bool
         timeout=STATEMENT_TIMEOUT_SECONDS,
     )
     return _maybe_story(row)
+
+
+async def get_stories(conn: asyncpg.Connection, story_ids: list[str]) -> dict[str, model.Story]:
+    """The stories of `story_ids` that exist, by id (ids in the canonical UUID spelling)."""
+    rows = await conn.fetch(GET_STORIES_SQL, story_ids, timeout=STATEMENT_TIMEOUT_SECONDS)
+    return {row["story_id"]: _story_from_row(row) for row in rows}
 
 
 async def list_stories(
