@@ -79,28 +79,36 @@ class TcpProxy:
         await self.close()
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        # Every way out closes both sockets, a cancellation too (a test's loop cancels this
+        # task when it ends while the upstream connect is still on its way): a socket left
+        # to the garbage collector is reported in whatever test runs next.
+        self._writers.add(client_writer)  # cut() resets it even while we connect upstream
+        upstream_writer: asyncio.StreamWriter | None = None
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(self.target_host, self.target_port)
-        except OSError:
-            _reset(client_writer)  # the target is down: the client sees it as we do
-            return
-        if self._server is None:  # cut while we were connecting upstream
-            _reset(client_writer)
-            _reset(upstream_writer)
-            return
-        self._writers.update({client_writer, upstream_writer})
-        pumps = [
-            asyncio.ensure_future(_pump(client_reader, upstream_writer, self)),
-            asyncio.ensure_future(_pump(upstream_reader, client_writer, self)),
-        ]
-        self._pumps.update(pumps)
-        try:
-            await asyncio.gather(*pumps, return_exceptions=True)
+            try:
+                upstream_reader, upstream_writer = await asyncio.open_connection(self.target_host, self.target_port)
+            except OSError:
+                _reset(client_writer)  # the target is down: the client sees it as we do
+                return
+            if self._server is None:  # cut while we were connecting upstream
+                _reset(client_writer)
+                _reset(upstream_writer)
+                return
+            self._writers.add(upstream_writer)
+            pumps = [
+                asyncio.ensure_future(_pump(client_reader, upstream_writer, self)),
+                asyncio.ensure_future(_pump(upstream_reader, client_writer, self)),
+            ]
+            self._pumps.update(pumps)
+            try:
+                await asyncio.gather(*pumps, return_exceptions=True)
+            finally:
+                self._pumps.difference_update(pumps)
         finally:
-            self._pumps.difference_update(pumps)
             for writer in (client_writer, upstream_writer):
-                self._writers.discard(writer)
-                writer.close()
+                if writer is not None:
+                    self._writers.discard(writer)
+                    writer.close()
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proxy: TcpProxy) -> None:
