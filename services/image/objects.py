@@ -41,7 +41,7 @@ DEFAULT_POOL_CONNECTIONS = 64
 
 def s3_client_config(
     *, custom_endpoint: bool, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
-    max_pool_connections: int = DEFAULT_POOL_CONNECTIONS,
+    max_pool_connections: int = DEFAULT_POOL_CONNECTIONS, plain_http: bool = False,
 ) -> AioConfig:  # fmt: skip
     """Short timeouts and few retries: the pipelines retry through redelivery."""
     # botocore's defaults (60 s connect timeout, legacy retries) would hold a message for
@@ -54,11 +54,11 @@ def s3_client_config(
         max_pool_connections=max_pool_connections,
         # MinIO, moto and rclone on host:port need bucket-in-path URLs; AWS prefers its default.
         s3={"addressing_style": "path" if custom_endpoint else "auto"},
-        # botocore's default (when_supported) runs a CRC32 over every body it sends and
-        # receives; S3 requires none for our calls (when_required is what every AWS SDK did
-        # before 2025), and a portrait of 800 KB paid for it on every put.
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
+        # Over plain http SigV4 signs the body's SHA-256 whatever else is set, so botocore's
+        # default CRC32 of every body (when_supported) is a second hash of the same bytes,
+        # one S3 does not ask for here. Over TLS the CRC32 is what lets botocore leave the
+        # payload unsigned, the cheaper of the two: kept there.
+        request_checksum_calculation="when_required" if plain_http else "when_supported",
     )
 
 

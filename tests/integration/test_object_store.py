@@ -13,7 +13,7 @@ from tests.fakes.s3_requests import requests_to
 @pytest.fixture
 async def store(s3_endpoint_url, s3_bucket):
     session = aiobotocore.session.get_session()
-    config = s3_client_config(custom_endpoint=True)
+    config = s3_client_config(custom_endpoint=True, plain_http=True)
     async with session.create_client("s3", endpoint_url=s3_endpoint_url, region_name="us-east-1", config=config) as client:
         yield ObjectStore(client, s3_bucket, region="us-east-1")
 
@@ -33,3 +33,9 @@ async def test_put_new_checks_first_by_default(store, s3_server, s3_bucket):
     assert len(requests_to(s3_server.log_path, s3_bucket, "portraits/b.png", method="HEAD")) == 2
     assert len(requests_to(s3_server.log_path, s3_bucket, "portraits/b.png")) == 1
     assert await store.get("portraits/b.png") == b"first"
+
+
+def test_checksums_are_left_to_sigv4_over_plain_http_only():
+    # Over http the signature already hashes the body; over TLS the CRC32 is what spares it.
+    assert s3_client_config(custom_endpoint=True, plain_http=True).request_checksum_calculation == "when_required"
+    assert s3_client_config(custom_endpoint=False).request_checksum_calculation == "when_supported"
