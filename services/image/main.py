@@ -297,7 +297,9 @@ def _s3_client(session, config: Config, endpoint_url: str | None):
         endpoint_url=endpoint_url,
         region_name=config.s3_region,
         config=s3_client_config(
-            custom_endpoint=endpoint_url is not None, timeout_seconds=config.portrait_step_timeout_seconds
+            custom_endpoint=endpoint_url is not None,
+            timeout_seconds=config.portrait_step_timeout_seconds,
+            plain_http=(endpoint_url or "").startswith("http://"),
         ),
     )
 

@@ -41,7 +41,7 @@ DEFAULT_POOL_CONNECTIONS = 64
 
 def s3_client_config(
     *, custom_endpoint: bool, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
-    max_pool_connections: int = DEFAULT_POOL_CONNECTIONS,
+    max_pool_connections: int = DEFAULT_POOL_CONNECTIONS, plain_http: bool = False,
 ) -> AioConfig:  # fmt: skip
     """Short timeouts and few retries: the pipelines retry through redelivery."""
     # botocore's defaults (60 s connect timeout, legacy retries) would hold a message for
@@ -54,6 +54,11 @@ def s3_client_config(
         max_pool_connections=max_pool_connections,
         # MinIO, moto and rclone on host:port need bucket-in-path URLs; AWS prefers its default.
         s3={"addressing_style": "path" if custom_endpoint else "auto"},
+        # Over plain http SigV4 signs the body's SHA-256 whatever else is set, so botocore's
+        # default CRC32 of every body (when_supported) is a second hash of the same bytes,
+        # one S3 does not ask for here. Over TLS the CRC32 is what lets botocore leave the
+        # payload unsigned, the cheaper of the two: kept there.
+        request_checksum_calculation="when_required" if plain_http else "when_supported",
     )
 
 
@@ -106,15 +111,19 @@ class ObjectStore:
             return False
         return True
 
-    async def put_new(self, key: str, data: bytes, content_type: str, *, encrypted: bool = False) -> bool:
+    async def put_new(
+        self, key: str, data: bytes, content_type: str, *, encrypted: bool = False, known_absent: bool = False
+    ) -> bool:
         """Stores the object unless the key exists; False when it was there already.
 
         Keys are never overwritten: the check comes first, and the PUT itself carries
-        If-None-Match: * for servers that honour it (AWS, MinIO). `encrypted` asks S3 for
-        the store's server-side encryption.
+        If-None-Match: * for servers that honour it (AWS, MinIO, moto). `known_absent`
+        skips the check when the caller knows nobody wrote the key yet (a key of its own,
+        or one it just checked), saving a round trip; If-None-Match still guards the PUT.
+        `encrypted` asks S3 for the store's server-side encryption.
         """
         await self.ensure_bucket()
-        if await self.exists(key):
+        if not known_absent and await self.exists(key):
             return False
         extra = self._encryption(encrypted)
         try:

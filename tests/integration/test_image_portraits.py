@@ -292,6 +292,8 @@ async def test_event_is_painted_stored_and_attached_once(
     assert (row["status"], row["storage_id"], row["deliveries"]) == ("READY", key, 1)
     assert story_peer.statuses == []
     assert await one_put(s3_server, s3_bucket, story_id) == [(f"/{s3_bucket}/{key}", 200)]
+    # A first delivery's key is its own: no HEAD before the PUT (If-None-Match guards it).
+    assert requests_to(s3_server.log_path, s3_bucket, f"portraits/{story_id}", method="HEAD") == []
     # The kept copy goes once the object is in S3.
     assert await db.fetchval("SELECT count(*) FROM image.portrait_results") == 0
 
@@ -520,6 +522,35 @@ async def test_story_down_after_upload_reuses_the_stored_object(
     assert (row["status"], row["deliveries"]) == ("READY", 3)
     assert await stored_keys(s3, s3_bucket) == [key_of(story_id)]
     assert len(await one_put(s3_server, s3_bucket, story_id)) == 1
+
+
+async def test_story_down_after_upload_records_stored_and_the_redelivery_only_attaches(
+    image_env, start_image, js, story_peer, s3, s3_bucket, s3_server, db
+):
+    """STORED is written only when the story cannot be told: then the redelivery neither
+    paints nor uploads nor checks S3 again, it only attaches."""
+    story_peer.unavailable_next = 10_000
+    await start_image(image_env())
+    story_id = await new_story(js, story_peer, "the night porter")
+    key = key_of(story_id)
+
+    async def stored() -> bool:
+        row = await portrait_row(db, story_id)
+        # The release that follows records why; wait for it too.
+        return row is not None and row["status"] == "STORED" and row["error"] is not None
+
+    await eventually(stored, what="STORED after the story refused the attach")
+    row = await portrait_row(db, story_id)
+    assert row["storage_id"] == key and "UNAVAILABLE" in row["error"]
+    story_peer.unavailable_next = 0
+
+    await eventually(lambda: story_peer.images, what="SetStoryImage once story is back")
+    assert story_peer.images == [(story_id, key)]
+    await eventually(lambda: consumer_settled(js, 1), what="the ack")
+    row = await portrait_row(db, story_id)
+    assert (row["status"], row["storage_id"], row["error"]) == ("READY", key, None)
+    assert len(await one_put(s3_server, s3_bucket, story_id)) == 1
+    assert requests_to(s3_server.log_path, s3_bucket, f"portraits/{story_id}", method="HEAD") == []
 
 
 async def test_undecodable_event_is_terminated_and_the_next_one_painted(image_env, start_image, js, story_peer):

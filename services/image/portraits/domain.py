@@ -2,10 +2,12 @@
 
 An event says "story X may need its portrait"; it is a hint, never an authority. The story
 service says what the current attempt and its prompt are, so a forged or stale event paints
-nothing. Each attempt goes PENDING -> STORED (in S3 under a key of its own, as soon as the
-picture exists; GENERATED in between, the picture kept in the database, only when S3
-refused it then) -> READY (the story told), or ends SKIPPED or FAILED; a redelivery
-resumes from the first step not done, so the provider is paid once per attempt. One worker at a time holds an attempt (a lease kept alive while it
+nothing. Each attempt goes PENDING -> READY (the picture in S3 under a key of its own as
+soon as it exists, then the story told), or ends SKIPPED or FAILED. Two states in between
+are recorded only when a step fails: GENERATED (the picture kept in the database) when S3
+refused it, STORED (in S3, the story not told) when the story service did. A redelivery
+resumes from the first step not done (a PENDING one first checks S3 for its key), so the
+provider is paid once per attempt. One worker at a time holds an attempt (a lease kept alive while it
 works); every step is bounded in time, and the consumer bounds the whole delivery by the
 sum, so the lease and the heartbeats always outlive the work they cover.
 """
@@ -100,7 +102,7 @@ class Stories(Protocol):
 
 
 class PortraitObjects(Protocol):
-    async def put_new(self, key: str, data: bytes, content_type: str) -> bool: ...
+    async def put_new(self, key: str, data: bytes, content_type: str, *, known_absent: bool = False) -> bool: ...
     async def exists(self, key: str) -> bool: ...
 
 
@@ -135,8 +137,8 @@ class PortraitTimeouts:
     provider_seconds: float = 90.0  # one provider call, download included
     step_seconds: float = 10.0  # one SQL statement, S3 call or story call
     # get story, claim, an earlier upload's check, keep or read kept, 2 S3 calls, mark
-    # stored, attach, mark final, and a release or a status report after a failure (the
-    # longest path takes fewer: keep and mark stored never both run in one delivery).
+    # stored, attach, mark final, and a release or a status report after a failure (every
+    # path takes fewer: keep and mark stored never both run in one delivery).
     STEPS_PER_DELIVERY = 11
 
     @property
@@ -302,11 +304,10 @@ async def _resume(
         return await _finish(event, lease_owner, deps, AttemptStatus.SKIPPED, BLANK_PROMPT_REASON)
     key = portrait_key(event.story_id, event.attempt)
     status = claim.status
-    png = None
     if status is AttemptStatus.PENDING and claim.deliveries > 1 and await _uploaded_before(key, deps, ids):
-        # An earlier delivery put the picture up and stopped before recording it.
-        await _mark_stored(event, lease_owner, key, deps, ids)
-    elif status is AttemptStatus.PENDING:
+        # An earlier delivery put the picture up and stopped before telling the story.
+        return await _attach(event, lease_owner, key, deps, ids, stored=False)
+    if status is AttemptStatus.PENDING:
         try:
             png = await _generate(story.prompt, deps, ids)
         except ProviderNotConfigured as error:
@@ -319,16 +320,18 @@ async def _resume(
         # later delivery pay the provider again. Either way it is stored durably once
         # before the delivery ends; keeping 1 MB in PostgreSQL first cost more than the upload.
         try:
-            await _upload(event, key, deps, ids, png)
+            # The key is known to be free: this is the attempt's first delivery (keys are
+            # per attempt), or the check above just found nothing there.
+            await _upload(event, key, deps, ids, png, known_absent=True)
         except _TRANSIENT as error:
             with _step("keep", ids):
                 await _record(deps, storage.keep_generated, event, lease_owner, png)
             raise error from None
-        await _mark_stored(event, lease_owner, key, deps, ids)
-    elif status is AttemptStatus.GENERATED:
+        return await _attach(event, lease_owner, key, deps, ids, stored=False)
+    if status is AttemptStatus.GENERATED:
         await _upload(event, key, deps, ids, None)
         await _mark_stored(event, lease_owner, key, deps, ids)
-    return await _attach(event, lease_owner, key, deps, ids)
+    return await _attach(event, lease_owner, key, deps, ids, stored=True)
 
 
 async def _uploaded_before(key: str, deps: PortraitDeps, ids: dict) -> bool:
@@ -363,6 +366,8 @@ async def _generate(prompt: str, deps: PortraitDeps, ids: dict) -> bytes:
             raise
         finally:
             observe_provider_call(ProviderKind.IMAGE, provider, outcome, time.perf_counter() - started)
+    if image.content_type == "image/png":
+        return image.data  # already checked to be an image by the provider client: no thread hop
     try:
         return await asyncio.to_thread(_as_png, image)
     except Exception as error:  # Pillow raises many types for a corrupt file
@@ -379,7 +384,9 @@ def _as_png(image: GeneratedImage) -> bytes:
         return buffer.getvalue()
 
 
-async def _upload(event: PortraitEvent, key: str, deps: PortraitDeps, ids: dict, png: bytes | None) -> None:
+async def _upload(
+    event: PortraitEvent, key: str, deps: PortraitDeps, ids: dict, png: bytes | None, *, known_absent: bool = False
+) -> None:
     """Puts the picture in S3: the one just generated (`png`), or, on a redelivery, the kept copy."""
     if png is None:
         step = deps.timeouts.step_seconds
@@ -391,24 +398,44 @@ async def _upload(event: PortraitEvent, key: str, deps: PortraitDeps, ids: dict,
             if not await deps.objects.exists(key):
                 raise DependencyUnavailable(f"the kept picture of {key} is missing")
             return
-        created = await deps.objects.put_new(key, png, "image/png")
+        created = await deps.objects.put_new(key, png, "image/png", known_absent=known_absent)
     if not created:
         log.info("portrait.object_already_stored", extra={**ids, "storage_id": key})
 
 
-async def _attach(event: PortraitEvent, lease_owner: uuid.UUID, key: str, deps: PortraitDeps, ids: dict) -> Outcome:
+async def _attach(
+    event: PortraitEvent, lease_owner: uuid.UUID, key: str, deps: PortraitDeps, ids: dict, *, stored: bool
+) -> Outcome:
+    """Tells the story, then records READY (with the key) in one statement. `stored` says
+    whether STORED is recorded already; a picture that went up in this delivery is recorded
+    STORED only when the story cannot be told now, so the happy path writes the attempt
+    twice in all (claim, READY). A redelivery that finds no STORED checks S3 for the key."""
     try:
         with _step("attach", ids, storage_id=key):
             await deps.stories.set_story_image(str(event.story_id), key, event.attempt)
     except (StoryGone, StoryMovedOn, StoryRejected) as error:
         # The story moved on (a newer attempt, or this one ended another way) or is gone:
         # the attempt is over for it, whatever we do; record why and stop.
-        await _record(deps, storage.mark_final, event, lease_owner, AttemptStatus.FAILED, _trim(str(error)))
+        await _record(deps, storage.mark_final, event, lease_owner, AttemptStatus.FAILED, _trim(str(error)), key)
         return ack("STORY_REFUSED")
-    await _record(deps, storage.mark_final, event, lease_owner, AttemptStatus.READY, None)
+    except _TRANSIENT:
+        if not stored:
+            await _mark_stored_if_possible(event, lease_owner, key, deps, ids)
+        raise
+    await _record(deps, storage.mark_final, event, lease_owner, AttemptStatus.READY, None, key)
     PORTRAITS_FINISHED.labels(AttemptStatus.READY.value).inc()
     log.info("portrait.attempt_succeeded", extra={**ids, "storage_id": key})
     return ack("READY")
+
+
+async def _mark_stored_if_possible(
+    event: PortraitEvent, lease_owner: uuid.UUID, key: str, deps: PortraitDeps, ids: dict
+) -> None:
+    # Spares the redelivery its check of S3; if even this fails, that check finds the object.
+    try:
+        await _mark_stored(event, lease_owner, key, deps, ids)
+    except (*_TRANSIENT, LeaseLost) as error:
+        log.warning("portrait.mark_stored_failed", extra={**ids, "error": _describe(error)})
 
 
 async def _finish(

@@ -105,34 +105,26 @@ async def renew_lease(
     return _updated_one(result)
 
 
+_KEEP_GENERATED_SQL = """
+WITH generated AS (
+    UPDATE image.portraits SET status = 'GENERATED', error = NULL, update_time = now()
+     WHERE story_id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'PENDING'
+    RETURNING story_id, attempt
+), kept AS (
+    INSERT INTO image.portrait_results (story_id, attempt, png)
+    SELECT story_id, attempt, $4 FROM generated
+    ON CONFLICT (story_id, attempt) DO UPDATE SET png = excluded.png
+)
+SELECT count(*) FROM generated
+"""
+
+
 async def keep_generated(
     conn: asyncpg.Connection, story_id: uuid.UUID, attempt: int, lease_owner: uuid.UUID, png: bytes, *, timeout: float
 ) -> bool:
-    """Keeps the generated PNG and marks the attempt GENERATED, in one transaction."""
-    async with conn.transaction():
-        result = await conn.execute(
-            """
-            UPDATE image.portraits SET status = 'GENERATED', error = NULL, update_time = now()
-             WHERE story_id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'PENDING'
-            """,
-            story_id,
-            attempt,
-            lease_owner,
-            timeout=timeout,
-        )
-        if not _updated_one(result):
-            return False
-        await conn.execute(
-            """
-            INSERT INTO image.portrait_results (story_id, attempt, png) VALUES ($1, $2, $3)
-            ON CONFLICT (story_id, attempt) DO UPDATE SET png = excluded.png
-            """,
-            story_id,
-            attempt,
-            png,
-            timeout=timeout,
-        )
-    return True
+    """Keeps the generated PNG and marks the attempt GENERATED: one statement, so both or
+    neither (and one round trip, where a transaction took four)."""
+    return await conn.fetchval(_KEEP_GENERATED_SQL, story_id, attempt, lease_owner, png, timeout=timeout) == 1
 
 
 async def kept_png(conn: asyncpg.Connection, story_id: uuid.UUID, attempt: int, *, timeout: float) -> bytes | None:
@@ -142,6 +134,21 @@ async def kept_png(conn: asyncpg.Connection, story_id: uuid.UUID, attempt: int, 
         attempt,
         timeout=timeout,
     )
+
+
+_MARK_STORED_SQL = """
+WITH stored AS (
+    UPDATE image.portraits
+       SET status = 'STORED', storage_id = $4, error = NULL, update_time = now()
+     WHERE story_id = $1 AND attempt = $2 AND lease_owner = $3
+       AND status IN ('PENDING', 'GENERATED', 'STORED')
+    RETURNING story_id, attempt
+), dropped AS (
+    DELETE FROM image.portrait_results AS r USING stored
+     WHERE r.story_id = stored.story_id AND r.attempt = stored.attempt
+)
+SELECT count(*) FROM stored
+"""
 
 
 async def mark_stored(
@@ -154,30 +161,8 @@ async def mark_stored(
     timeout: float,
 ) -> bool:
     """The object is in S3: STORED, and the kept copy (if any: a picture that went up at
-    once was never kept) is dropped."""
-    async with conn.transaction():
-        result = await conn.execute(
-            """
-            UPDATE image.portraits
-               SET status = 'STORED', storage_id = $4, error = NULL, update_time = now()
-             WHERE story_id = $1 AND attempt = $2 AND lease_owner = $3
-               AND status IN ('PENDING', 'GENERATED', 'STORED')
-            """,
-            story_id,
-            attempt,
-            lease_owner,
-            storage_id,
-            timeout=timeout,
-        )
-        if not _updated_one(result):
-            return False
-        await conn.execute(
-            "DELETE FROM image.portrait_results WHERE story_id = $1 AND attempt = $2",
-            story_id,
-            attempt,
-            timeout=timeout,
-        )
-    return True
+    once was never kept) is dropped, in one statement."""
+    return await conn.fetchval(_MARK_STORED_SQL, story_id, attempt, lease_owner, storage_id, timeout=timeout) == 1
 
 
 async def mark_final(
@@ -187,16 +172,19 @@ async def mark_final(
     lease_owner: uuid.UUID,
     status: AttemptStatus,
     error: str | None,
+    storage_id: str | None = None,
     *,
     timeout: float,
 ) -> bool:
-    """READY, SKIPPED or FAILED; releases the lease."""
+    """READY, SKIPPED or FAILED; releases the lease. `storage_id`, when given, records the
+    object the attempt put in S3 (READY straight from PENDING skips STORED)."""
     if status not in FINAL_STATUSES:
         raise ValueError(f"{status!r} is not a final portrait status")
     result = await conn.execute(
         """
         UPDATE image.portraits
-           SET status = $4, error = $5, lease_owner = NULL, lease_until = NULL, update_time = now()
+           SET status = $4, error = $5, storage_id = coalesce($6, storage_id),
+               lease_owner = NULL, lease_until = NULL, update_time = now()
          WHERE story_id = $1 AND attempt = $2 AND lease_owner = $3
         """,
         story_id,
@@ -204,6 +192,7 @@ async def mark_final(
         lease_owner,
         status.value,
         error,
+        storage_id,
         timeout=timeout,
     )
     return _updated_one(result)
