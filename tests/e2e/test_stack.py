@@ -390,7 +390,8 @@ async def check_metrics(env: dict[str, str], banner: str, story_id: str) -> None
 
 # The picture goes straight to S3 once the provider answers: "keep" (into the database)
 # happens only when that upload fails.
-PIPELINE_STEPS = ["write", "publish", "read_story", "claim", "generate", "upload", "mark_stored", "attach"]
+# "mark_stored" happens only when the attach fails (the picture is in S3, the story not told yet).
+PIPELINE_STEPS = ["write", "publish", "read_story", "claim", "generate", "upload", "attach"]
 
 
 def check_pipeline_logs(log_dir: Path, story_id: str) -> None:
