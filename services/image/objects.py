@@ -54,6 +54,12 @@ def s3_client_config(
         max_pool_connections=max_pool_connections,
         # MinIO, moto and rclone on host:port need bucket-in-path URLs; AWS prefers its default.
         s3={"addressing_style": "path" if custom_endpoint else "auto"},
+        # botocore's default adds a CRC32 of every body (and checks one on every answer) where
+        # S3 does not ask for it. Without that header SigV4 signs the body's SHA-256 instead
+        # (botocore signs it whenever no checksum header is sent, over http and https alike),
+        # and S3 refuses a body that does not match it: the same integrity, one hash fewer.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
     )
 
 
