@@ -135,6 +135,7 @@ def logged_step(
     describe: Callable[[BaseException], str] = _describe_error,
     observe: Callable[[str, bool, float], None] | None = None,
     log_start: bool = True,
+    log_success: bool = True,
     **fields: Any,
 ) -> Iterator[dict[str, Any]]:
     """Logs one pipeline step: started, then succeeded or failed, with its duration.
@@ -143,7 +144,9 @@ def logged_step(
     the dict it yields takes fields that only the step's result knows, for the last line;
     `observe(step, ok, seconds)` records the step in a metric as well. The exception, if
     any, goes on unchanged; a cancellation (shutdown) is a failure too. `log_start=False`
-    leaves out the first line, for steps too short and too many for it to tell anything.
+    leaves out the first line, for steps too short and too many for it to tell anything;
+    `log_success=False` the last one too when it succeeds (a failure is always logged), for
+    steps whose success another line already says.
     """
     line = {**ids, "step": step, **fields}
     if log_start:
@@ -162,8 +165,9 @@ def logged_step(
             observe(step, False, seconds)
         raise
     seconds = time.perf_counter() - started
-    logger.info(
-        f"{area}.step_succeeded", extra={**line, **outcome, "duration_ms": round(seconds * 1000, 1), "error": None}
-    )
+    if log_success:
+        logger.info(
+            f"{area}.step_succeeded", extra={**line, **outcome, "duration_ms": round(seconds * 1000, 1), "error": None}
+        )
     if observe is not None:
         observe(step, True, seconds)

@@ -475,6 +475,7 @@ async def cancel_job(
 
 # Encodes `image.job.completed` from the final job and its delivered images (jobs.wire).
 CompletedEvent = Callable[[JobRow, Sequence[SlotRow]], bytes]
+_QUEUE_COMPLETED_SQL = "INSERT INTO image.job_outbox (job_id, subject, msg_id, payload)"
 
 
 async def _queue_completed(
@@ -488,8 +489,7 @@ async def _queue_completed(
     if images is None:
         images = (await delivered_images(conn, [row.job_id], timeout=timeout)).get(row.job_id, [])
     await conn.execute(
-        """INSERT INTO image.job_outbox (job_id, subject, msg_id, payload) VALUES ($1, $2, $3, $4)
-           ON CONFLICT (msg_id) DO NOTHING""",
+        f"{_QUEUE_COMPLETED_SQL} VALUES ($1, $2, $3, $4) ON CONFLICT (msg_id) DO NOTHING",
         row.job_id,
         JOB_COMPLETED_SUBJECT,
         job_completed_msg_id(row.job_id),
@@ -812,38 +812,62 @@ async def mark_delivered(
     )
 
 
+@dataclass(frozen=True)
+class FinishingJob:
+    """A leased job as its worker is about to make it final: the row, its slots and the
+    database's time, read in one statement."""
+
+    row: JobRow
+    slots: list[SlotRow]
+    now: datetime
+
+
+async def finishing_job(conn: asyncpg.Connection, job_id: uuid.UUID, *, timeout: float) -> FinishingJob | None:
+    record = await conn.fetchrow(
+        f"""SELECT {_JOB_COLUMNS}, clock_timestamp() AS now,
+                   (SELECT array_agg(i ORDER BY i.slot) FROM image.job_images i WHERE i.job_id = j.job_id) AS slots
+              FROM image.jobs j WHERE j.job_id = $1""",
+        job_id,
+        timeout=timeout,
+    )
+    if record is None:
+        return None
+    return FinishingJob(_job(record), [_slot(slot) for slot in record["slots"] or ()], record["now"])  # type: ignore[arg-type]
+
+
 async def finish_job(
-    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, status: JobStatus, error: str, *,
+    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, *, read: FinishingJob, final: JobRow,
     announce: CompletedEvent, delivered: Sequence[SlotRow], timeout: float,
 ) -> JobRow | None:  # fmt: skip
-    """COMPLETED or FAILED under our lease (which it releases), with its completion event.
+    """`read` made `final` (COMPLETED or FAILED, complete_time = read.now) under our lease,
+    which it releases, with its completion event, in one statement (so in one transaction).
 
-    `delivered` are the job's DELIVERED slots as its worker read them under the same lease
-    (no one else changes a leased job's slots; a cancel takes the lease, and then nothing
-    is written here), so the event need not read them again."""
-    async with conn.transaction():
-        row = await _finish(conn, job_id, owner, status, error, timeout=timeout)
-        if row is not None:
-            await _queue_completed(conn, row, announce, images=delivered, timeout=timeout)
-    return row
-
-
-async def _finish(
-    conn: asyncpg.Connection, job_id: uuid.UUID, owner: uuid.UUID, status: JobStatus, error: str, *, timeout: float
-) -> JobRow | None:
+    The event is encoded from `final` before the write, so the write only happens while the
+    row is still the one `read` saw: under our lease (no one else changes a leased job; a
+    cancel takes the lease, and then nothing is written here) and with the same update_time
+    (every change but a lease renewal moves it). `delivered`: its DELIVERED slots from `read`."""
     return _job(
         await conn.fetchrow(
             f"""
-            UPDATE image.jobs j
-               SET status = $3, error_message = $4, lease_owner = NULL, lease_until = NULL,
-                   complete_time = clock_timestamp(), update_time = clock_timestamp()
-             WHERE j.job_id = $1 AND j.lease_owner = $2 AND j.status IN {_RUNNING_SQL}
-            RETURNING {_JOB_COLUMNS}
+            WITH finished AS (
+                UPDATE image.jobs j
+                   SET status = $3, error_message = $4, lease_owner = NULL, lease_until = NULL,
+                       complete_time = $5, update_time = $5
+                 WHERE j.job_id = $1 AND j.lease_owner = $2 AND j.status IN {_RUNNING_SQL} AND j.update_time = $6
+                RETURNING {_JOB_COLUMNS}),
+            queued AS (
+                {_QUEUE_COMPLETED_SQL} SELECT job_id, $7, $8, $9 FROM finished ON CONFLICT (msg_id) DO NOTHING)
+            SELECT * FROM finished
             """,
             job_id,
             owner,
-            status.value,
-            error[:1000],
+            final.status.value,
+            final.error_message,
+            final.complete_time,
+            read.row.update_time,
+            JOB_COMPLETED_SUBJECT,
+            job_completed_msg_id(job_id),
+            announce(final, delivered),
             timeout=timeout,
         )
     )
