@@ -478,16 +478,11 @@ CompletedEvent = Callable[[JobRow, Sequence[SlotRow]], bytes]
 _QUEUE_COMPLETED_SQL = "INSERT INTO image.job_outbox (job_id, subject, msg_id, payload)"
 
 
-async def _queue_completed(
-    conn: asyncpg.Connection, row: JobRow, announce: CompletedEvent, *, images: Sequence[SlotRow] | None = None,
-    timeout: float,
-) -> None:  # fmt: skip
+async def _queue_completed(conn: asyncpg.Connection, row: JobRow, announce: CompletedEvent, *, timeout: float) -> None:
     """The job's completion event into the outbox, in the transaction that made it final
-    (so it is published exactly when the job did end), with its delivered `images` (read
-    here when not given). Its msg_id is the job's: a job ends once, and the UNIQUE msg_id
-    would refuse a second event anyway."""
-    if images is None:
-        images = (await delivered_images(conn, [row.job_id], timeout=timeout)).get(row.job_id, [])
+    (so it is published exactly when the job did end). Its msg_id is the job's: a job
+    ends once, and the UNIQUE msg_id would refuse a second event anyway."""
+    images = (await delivered_images(conn, [row.job_id], timeout=timeout)).get(row.job_id, [])
     await conn.execute(
         f"{_QUEUE_COMPLETED_SQL} VALUES ($1, $2, $3, $4) ON CONFLICT (msg_id) DO NOTHING",
         row.job_id,
