@@ -13,6 +13,8 @@ import os
 import platform
 import sys
 import time
+import traceback
+from dataclasses import dataclass, field
 
 from tests.bench import (
     credits_bench,
@@ -51,20 +53,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def run(args: argparse.Namespace) -> list[Figure]:
-    figures: list[Figure] = []
+@dataclass
+class Run:
+    figures: list[Figure] = field(default_factory=list)
+    seconds_per_part: dict[str, float] = field(default_factory=dict)
+    # part -> the error that ended it: one part's failure must not throw away what the
+    # others measured, but it must still fail the run.
+    failed_parts: dict[str, str] = field(default_factory=dict)
+
+
+async def run(args: argparse.Namespace) -> Run:
+    result = Run()
     for name in args.only or list(PARTS):
         started = time.perf_counter()
-        figures += await PARTS[name].run(args)
-        print(f"bench: {name} took {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return figures
+        try:
+            result.figures += await PARTS[name].run(args)
+        except Exception as error:  # noqa: BLE001 - reported below and in the exit status
+            traceback.print_exc()
+            result.failed_parts[name] = f"{type(error).__name__}: {error}"
+        result.seconds_per_part[name] = round(time.perf_counter() - started, 1)
+        print(f"bench: {name} took {result.seconds_per_part[name]:.0f} s", file=sys.stderr)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    figures = asyncio.run(run(args))
+    result = asyncio.run(run(args))
+    figures = result.figures
     context = {
         "parts": args.only or list(PARTS),
+        "seconds_per_part": result.seconds_per_part,
+        "seconds_in_all": round(sum(result.seconds_per_part.values()), 1),
+        "failed_parts": result.failed_parts,
         "rounds": args.rounds,
         "seconds_per_round": args.seconds,
         "python": platform.python_version(),
@@ -73,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_json(figures, RESULTS_DIR, context)
     print(table(figures))
-    print(f"\nfigures written to {path}")
-    return 0
+    print(f"\nfigures written to {path}; the run took {context['seconds_in_all']:.0f} s")
+    for name, error in result.failed_parts.items():
+        print(f"bench: part {name} FAILED: {error}", file=sys.stderr)
+    return 1 if result.failed_parts else 0
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from tests.fakes.openai_images import FakeOpenAIImages
 from tools.infra import MotoS3Server, NatsServer
 
 FIRST_PREVIEW_AIM = "value <= 50"
+# Seconds a baseline message may take before it counts as lost.
+BASELINE_SAMPLE_TIMEOUT = 2.0
 USER = "bench-previews"
 
 
@@ -110,17 +112,27 @@ async def _nats_round_trips_ms(url: str, payload: bytes, samples: int) -> list[f
     publisher, subscriber = await nats.connect(url), await nats.connect(url)
     try:
         received: asyncio.Queue[float] = asyncio.Queue()
+        lost = 0
 
         async def on_message(_message) -> None:
             received.put_nowait(time.perf_counter())
 
         await subscriber.subscribe("bench.preview", cb=on_message)
         await subscriber.flush()
-        latencies = []
-        for _ in range(samples):
+        latencies: list[float] = []
+        while len(latencies) < samples:
+            while not received.empty():  # a late arrival of a sample already counted lost
+                received.get_nowait()
             sent = time.perf_counter()
             await publisher.publish("bench.preview", payload)
-            latencies.append((await asyncio.wait_for(received.get(), 10) - sent) * 1000)
+            try:
+                latencies.append((await asyncio.wait_for(received.get(), BASELINE_SAMPLE_TIMEOUT) - sent) * 1000)
+            except TimeoutError:
+                # Core NATS is at-most-once: a message it dropped (a reconnect on a loaded
+                # machine) is a lost sample, not a latency; the next one measures again.
+                lost += 1
+                if lost > samples:
+                    raise
         return latencies
     finally:
         await publisher.close()
