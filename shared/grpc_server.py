@@ -21,6 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shared.allocator import keep_large_buffers
 from shared.config import ConfigError
 from shared.grpc_errors import abort, invalid_argument
 from shared.logs import configure_logging
@@ -238,6 +239,7 @@ def serve_main(
     except ConfigError as error:
         log.error("config.rejected", extra={"service_name": name, "error": str(error)})
         sys.exit(_CONFIG_ERROR_STATUS)
+    keep_large_buffers()
     try:
         # uvloop: asyncpg's own loop of choice. Its C timers and transports halve the client
         # side of every database round trip, and the bare grpc.aio echo answers with about
