@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from shared.asyncio_network import asyncio_http_transport
+
 SHARD_CONNECTIONS = 32
 
 
@@ -27,7 +29,7 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         count = max(1, -(-max_connections // shard_connections))
         per_shard = -(-max_connections // count)
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
-        self._shards = [httpx.AsyncHTTPTransport(limits=limits, **options) for _ in range(count)]
+        self._shards = [asyncio_http_transport(limits=limits, **options) for _ in range(count)]
         self._in_flight = [0] * count
 
     @property

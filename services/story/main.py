@@ -14,6 +14,7 @@ from services.story.domain import WatchLimits
 from services.story.handlers import ALLOWED_CALLERS, SERVICE_NAME, StoryServicer
 from services.story.messaging import fill_missing_payloads, story_outbox_relay
 from services.story.writers import build_writer
+from shared.asyncio_network import asyncio_http_transport
 from shared.auth import AuthInterceptor
 from shared.background import start_supervised
 from shared.change_feed import ChangeFeed
@@ -71,7 +72,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     changes.start()
     stack.push_async_callback(changes.stop)
 
-    http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
+    http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False, transport=asyncio_http_transport()))
     writer = build_writer(config.writer, **_writer_settings(config), client=http)
     servicer = StoryServicer(
         pool,

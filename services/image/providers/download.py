@@ -19,6 +19,7 @@ from h11._receivebuffer import ReceiveBuffer
 from services.image.providers.base import GeneratedImage, ProviderError
 # Re-exported: the downloader's check is the one every image passes.
 from services.image.providers.pictures import MAX_PIXELS, image_from_bytes  # noqa: F401
+from shared.asyncio_network import asyncio_http_transport
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class HostConnections:
         key = (target.scheme, target.host, target.port, str(address) if address else None)
         client = self._clients.get(key)
         if client is None:
-            client = httpx.AsyncClient(follow_redirects=False, limits=self._limits)
+            client = httpx.AsyncClient(follow_redirects=False, transport=asyncio_http_transport(limits=self._limits))
             self._clients[key] = client
             if len(self._clients) > self._max_hosts:
                 self._retire(self._clients.popitem(last=False)[1])
