@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", choices=sorted(PARTS),
                         help="run this part only (repeat for several); default: every part")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per ratio")
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one round")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of one round")
     for part in PARTS.values():
         part.add_arguments(parser)
     return parser.parse_args(argv)

@@ -44,7 +44,7 @@ GET_STORY_AIM = "ratio >= 0.65"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("story")
     group.add_argument("--story-concurrency", type=int, default=16, help="GetStory calls in flight")
-    group.add_argument("--stories", type=int, default=200, help="stories timed from answer to portrait")
+    group.add_argument("--stories", type=int, default=100, help="stories timed from answer to portrait")
     group.add_argument("--poll-ms", type=float, default=5.0, help="GetStory poll interval while timing portraits")
     group.add_argument("--watchers", type=int, default=1000, help="WatchStory streams on one story for the fan-out")
 
