@@ -394,7 +394,7 @@ class MotoS3Server(ManagedProcess):
 
     def start(self, timeout: float = 30.0) -> MotoS3Server:
         self._refuse_busy_port(self.host, self.port)
-        self._spawn([sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)])
+        self._spawn([sys.executable, "-m", "tools.moto_server", "-H", self.host, "-p", str(self.port)], cwd=REPO_ROOT)
         self._wait_listening(self.host, self.port, timeout)
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import pytest
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
+from tests.fakes.s3_requests import requests_to
 from tests.fakes.tcp_proxy import TcpProxy
 from tools.infra import (
     REPO_ROOT,
@@ -151,6 +153,27 @@ def test_nats_refuses_to_start_on_a_busy_port(nats_server, tmp_path):
 async def test_moto_server_stores_and_returns_an_object(s3_endpoint_url, s3_bucket):
     assert os.environ["AWS_ACCESS_KEY_ID"] == "test"  # set by the fixture, for code under test
     assert await put_and_read(s3_endpoint_url, s3_bucket, "a/b.png", b"\x89PNG data") == b"\x89PNG data"
+
+
+def test_moto_server_keeps_the_connection_alive_and_logs_each_request(s3_server, s3_bucket):
+    # S3 keeps connections alive; werkzeug's server closed each one, which every upload paid.
+    connection = http.client.HTTPConnection(s3_server.host, s3_server.port, timeout=5)
+    try:
+        statuses, sockets = [], []
+        for _ in range(2):
+            connection.request("HEAD", f"/{s3_bucket}/alive.txt")
+            answer = connection.getresponse()
+            answer.read()
+            statuses.append((answer.status, answer.will_close))
+            sockets.append(connection.sock)
+        # Unsigned and for a bucket nobody made: moto refuses it, and keeps the connection.
+        assert statuses == [(404, False), (404, False)]
+        assert sockets[0] is sockets[1] is not None
+    finally:
+        connection.close()
+    assert requests_to(s3_server.log_path, s3_bucket, "alive.txt", method="HEAD") == [
+        (f"/{s3_bucket}/alive.txt", 404)
+    ] * 2
 
 
 async def test_each_test_gets_a_bucket_of_its_own(s3_endpoint_url, s3_bucket):
