@@ -19,6 +19,7 @@ import binascii
 import contextlib
 import enum
 import hashlib
+import itertools
 import json
 import logging
 import uuid
@@ -31,6 +32,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from services.credits import storage
+from shared.coalescing import Coalescer
 from shared.db import pooled_connection
 from shared.validation import id_problem, optional_id_problem, text_problem
 
@@ -530,9 +532,47 @@ async def set_plan(pool: asyncpg.Pool, *, user_id: str, plan: Plan | None) -> Ac
 # ---------------------------------------------------------------------------- Charge
 
 
-async def charge(
-    pool: asyncpg.Pool, limit: ChargeRateLimit, *, user_id: str, amount: int, reference: str, request_id: str
-) -> Answered[Charged]:
+# A charge in a batch: a number of its own, so that twin calls (same user, same request_id)
+# are two keys of the batch and the second is answered as the replay it is.
+_BatchedCharge = tuple[int, storage.AskedCharge]
+
+
+class Charges:
+    """Charge's dependencies: the pool, the rate limit, and the batches concurrent charges
+    share (shared/coalescing.py): the calls that arrive while one batch's statement is on
+    its way are debited by the next one, a single statement for all of them."""
+
+    def __init__(self, pool: asyncpg.Pool, limit: ChargeRateLimit) -> None:
+        self.pool = pool
+        self.limit = limit
+        self.batches: Coalescer[_BatchedCharge, storage.ChargeAttempt] = Coalescer(self._charge_batch)
+        self.call_numbers = itertools.count()
+
+    async def _charge_batch(self, calls: list[_BatchedCharge]) -> dict[_BatchedCharge, storage.ChargeAttempt]:
+        """The batch's first charge of each user and of each request_id; the others are left
+        out, so their callers charge alone (one UPDATE cannot move an account twice)."""
+        users: set[str] = set()
+        request_ids: set[str] = set()
+        batch: dict[storage.AskedCharge, _BatchedCharge] = {}
+        for call in calls:
+            asked = call[1]
+            if asked.user_id not in users and asked.request_id not in request_ids:
+                users.add(asked.user_id)
+                request_ids.add(asked.request_id)
+                batch[asked] = call
+        async with _connection(self.pool) as conn:
+            attempts = await storage.charge_many(
+                conn, list(batch), parameters=[_charge_parameters(asked) for asked in batch],
+                burst=self.limit.burst, rate_per_second=self.limit.per_second,
+            )
+        return {batch[asked]: attempt for asked, attempt in attempts.items()}
+
+
+def _charge_parameters(charge: storage.AskedCharge) -> dict[str, Any]:
+    return {"amount": charge.amount, "reference": charge.reference}
+
+
+async def charge(charges: Charges, *, user_id: str, amount: int, reference: str, request_id: str) -> Answered[Charged]:
     """Takes `amount` if the balance holds it; never below zero, however many run at once."""
     _refuse_invalid(
         ("user_id", id_problem(user_id)),
@@ -540,48 +580,65 @@ async def charge(
         ("reference", id_problem(reference)),
         ("request_id", id_problem(request_id)),
     )
-    parameters = {"amount": amount, "reference": reference}
+    asked = storage.AskedCharge(user_id=user_id, request_id=request_id, amount=amount, reference=reference)
 
     async def attempt() -> Answered[Charged]:
-        async with _connection(pool) as conn:
+        tried = await _charge_in_a_batch(charges, asked)
+        if tried is not None and (answered := _charge_answer(asked, tried)) is not None:
+            return answered
+        async with _connection(charges.pool) as conn:
             # Each pass either answers or changes what the next one sees (an account
             # opened, a twin's record), so a few passes always suffice.
             for _ in range(_RACE_ATTEMPTS):
+                if tried is not None:
+                    # The last try moved nothing: refuse, or learn what changed and try again.
+                    refusal = await _charge_refusal(conn, charges.limit, asked)
+                    if refusal is not None:
+                        raise refusal
                 tried = await storage.charge(
                     conn, user_id=user_id, request_id=request_id, amount=amount, reference=reference,
-                    parameters=parameters, burst=limit.burst, rate_per_second=limit.per_second,
+                    parameters=_charge_parameters(asked), burst=charges.limit.burst,
+                    rate_per_second=charges.limit.per_second,
                 )
-                if tried.prior is not None:
-                    answer = _replayed_answer(tried.prior, user_id=user_id, request_id=request_id,
-                                              operation=Operation.CHARGE, parameters=parameters)
-                    return Answered(Charged(answer["charge_id"], answer["balance"]), replayed=True)
-                if tried.charge_id is not None:
-                    log.info("credits.charged", extra={"user_id": user_id, "request_id": request_id,
-                                                       "charge_id": tried.charge_id, "amount": amount,
-                                                       "balance": tried.balance})
-                    return Answered(Charged(tried.charge_id, tried.balance))
-                refusal = await _charge_refusal(
-                    conn, limit, user_id=user_id, request_id=request_id, amount=amount, parameters=parameters
-                )
-                if refusal is not None:
-                    raise refusal
-                # The account was just opened, a twin was recorded, or credits arrived: again.
+                if (answered := _charge_answer(asked, tried)) is not None:
+                    return answered
         raise RequestContended()
 
     return await _retrying(attempt)
 
 
+async def _charge_in_a_batch(charges: Charges, asked: storage.AskedCharge) -> storage.ChargeAttempt | None:
+    """The batch's attempt at this charge; None when it was left out of the batch or the
+    batch's statement failed (a twin of another call raced it, the database is away): the
+    charge then runs alone, where any such failure is this call's own."""
+    try:
+        return await charges.batches.ask((next(charges.call_numbers), asked))
+    except Exception as error:  # noqa: BLE001 - the lone attempt meets it again if it is ours
+        log.info("credits.charge_batch_failed", extra={"user_id": asked.user_id, "request_id": asked.request_id,
+                                                       "error": repr(error)})
+        return None
+
+
+def _charge_answer(asked: storage.AskedCharge, tried: storage.ChargeAttempt) -> Answered[Charged] | None:
+    """The call's answer from an attempt that replayed or charged; None when it did neither."""
+    if tried.prior is not None:
+        answer = _replayed_answer(tried.prior, user_id=asked.user_id, request_id=asked.request_id,
+                                  operation=Operation.CHARGE, parameters=_charge_parameters(asked))
+        return Answered(Charged(answer["charge_id"], answer["balance"]), replayed=True)
+    if tried.charge_id is None:
+        return None
+    log.info("credits.charged", extra={"user_id": asked.user_id, "request_id": asked.request_id,
+                                       "charge_id": tried.charge_id, "amount": asked.amount,
+                                       "balance": tried.balance})
+    return Answered(Charged(tried.charge_id, tried.balance))
+
+
 async def _charge_refusal(
-    conn: asyncpg.Connection,
-    limit: ChargeRateLimit,
-    *,
-    user_id: str,
-    request_id: str,
-    amount: int,
-    parameters: Mapping[str, Any],
+    conn: asyncpg.Connection, limit: ChargeRateLimit, asked: storage.AskedCharge
 ) -> CreditsError | None:
     """Why a charge moved nothing, decided under the account's row lock; None when the
     charge should simply run again (the account was missing, or things changed)."""
+    user_id, request_id, amount = asked.user_id, asked.request_id, asked.amount
     async with conn.transaction():
         state = await storage.lock_for_refusal(conn, user_id, burst=limit.burst, rate_per_second=limit.per_second)
         if state is None:
@@ -595,7 +652,7 @@ async def _charge_refusal(
             return None
         answer = await storage.remember_insufficient_credits(
             conn, user_id=user_id, request_id=request_id, balance=state.balance, amount=amount,
-            parameters=dict(parameters),
+            parameters=_charge_parameters(asked),
         )
         if answer is None:
             return None

@@ -106,7 +106,7 @@ def _unwrap(context: grpc.aio.ServicerContext, answered: domain.Answered[T]) -> 
 class CreditsServicer(pb_grpc.CreditsServiceServicer):
     def __init__(self, pool: asyncpg.Pool, charge_limit: domain.ChargeRateLimit) -> None:
         self._pool = pool
-        self._charge_limit = charge_limit
+        self._charges = domain.Charges(pool, charge_limit)
 
     @_refusing_errors
     async def GetAccount(self, request: pb.GetAccountRequest, context: grpc.aio.ServicerContext) -> pb.GetAccountResponse:
@@ -129,7 +129,7 @@ class CreditsServicer(pb_grpc.CreditsServiceServicer):
     @_refusing_errors
     async def Charge(self, request: pb.ChargeRequest, context: grpc.aio.ServicerContext) -> pb.ChargeResponse:
         answered = await domain.charge(
-            self._pool, self._charge_limit, user_id=request.user_id, amount=request.amount,
+            self._charges, user_id=request.user_id, amount=request.amount,
             reference=request.reference, request_id=request.request_id,
         )
         charged = _unwrap(context, answered)

@@ -312,6 +312,93 @@ async def charge(
 
 
 @dataclass(frozen=True)
+class AskedCharge:
+    """One Charge call's arguments, as a batch of charges carries them."""
+
+    user_id: str
+    request_id: str
+    amount: int
+    reference: str
+
+
+# The one-statement charge above for many calls at once. Each asked charge is its own row of
+# `asked`: its replay check, its conditional debit (the account's row lock and re-check, as
+# above), its ledger entry and its record. The caller sends each user and each request_id at
+# most once per batch: one UPDATE cannot move a row twice, and a repeated key would fail the
+# whole statement on the unique indexes.
+_CHARGE_MANY_SQL = f"""
+WITH asked AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $7::text[])
+        AS asked(user_id, request_id, amount, reference, parameters)
+),
+prior AS (
+    SELECT DISTINCT ON (asked.request_id) asked.request_id AS asked_request_id,
+           r.user_id, r.operation, r.parameters, r.outcome, r.answer
+    FROM asked JOIN credits.requests AS r
+      ON r.request_id = asked.request_id AND (r.user_id = asked.user_id OR r.operation = 'CHARGE')
+    ORDER BY asked.request_id, r.user_id = asked.user_id DESC
+),
+debit AS (
+    UPDATE credits.accounts AS account
+    SET balance = account.balance - asked.amount, updated_at = now(),
+        charge_tokens = {_refilled_tokens("$5", "$6")} - 1, charge_tokens_at = statement_timestamp()
+    FROM asked
+    WHERE account.user_id = asked.user_id AND account.balance >= asked.amount
+      AND {_refilled_tokens("$5", "$6")} >= 1
+      AND NOT EXISTS (SELECT FROM prior WHERE prior.asked_request_id = asked.request_id)
+    RETURNING asked.request_id, account.balance
+),
+entry AS (
+    INSERT INTO credits.ledger_entries (user_id, kind, amount, balance_after, reference, request_id)
+    SELECT asked.user_id, 'CHARGE', -asked.amount, debit.balance, asked.reference, asked.request_id
+    FROM debit JOIN asked USING (request_id)
+    RETURNING entry_id, user_id, request_id, balance_after
+),
+remembered AS (
+    INSERT INTO credits.requests (user_id, request_id, operation, parameters, outcome, answer)
+    SELECT entry.user_id, entry.request_id, 'CHARGE', asked.parameters::jsonb, 'DONE',
+           jsonb_build_object('charge_id', entry.entry_id::text, 'balance', entry.balance_after)
+    FROM entry JOIN asked USING (request_id)
+)
+SELECT asked.request_id AS asked_request_id,
+       prior.user_id, prior.operation, prior.parameters, prior.outcome, prior.answer,
+       entry.entry_id::text AS charge_id, entry.balance_after AS balance
+FROM asked
+LEFT JOIN prior ON prior.asked_request_id = asked.request_id
+LEFT JOIN entry ON entry.request_id = asked.request_id
+"""
+
+
+async def charge_many(
+    conn: asyncpg.Connection,
+    asked: list[AskedCharge],
+    *,
+    parameters: list[dict[str, Any]],
+    burst: int,
+    rate_per_second: Decimal,
+) -> dict[AskedCharge, ChargeAttempt]:
+    """`charge` for each asked charge (its record's parameters at the same index), in one
+    statement and one round trip. Each user and each request_id at most once in `asked`."""
+    rows = await conn.fetch(
+        _CHARGE_MANY_SQL,
+        [charge.user_id for charge in asked],
+        [charge.request_id for charge in asked],
+        [charge.amount for charge in asked],
+        [charge.reference for charge in asked],
+        burst,
+        rate_per_second,
+        [json.dumps(each) for each in parameters],
+    )
+    by_request = {charge.request_id: charge for charge in asked}
+    return {
+        by_request[row["asked_request_id"]]: ChargeAttempt(
+            prior=_recorded(row), charge_id=row["charge_id"], balance=row["balance"]
+        )
+        for row in rows
+    }
+
+
+@dataclass(frozen=True)
 class ChargeRefusal:
     """Why a charge that moved nothing did not: read under the account's lock."""
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from services.story import storage
-from services.story.coalesced_reads import CoalescedReads
+from shared.coalescing import Coalescer
 from shared.change_feed import WatcherLimitReached
 from services.story import model
 from services.story.difficulty import story_typing_difficulty
@@ -414,23 +414,23 @@ async def _store_new_story(
     return story
 
 
-StoryReads = CoalescedReads[str, Story]
+StoryReads = Coalescer[str, Story]
 
 
 def story_reads(pool: asyncpg.Pool) -> StoryReads:
     """Reads of stories by id: calls that come while a read is on its way share the next
-    SELECT (services/story/coalesced_reads.py)."""
+    SELECT (shared/coalescing.py)."""
 
     async def fetch(story_ids: list[str]) -> dict[str, Story]:
         async with _connection(pool) as conn:
             return await storage.get_stories(conn, story_ids)
 
-    return CoalescedReads(fetch)
+    return Coalescer(fetch)
 
 
 async def get_story(reads: StoryReads, story_id: str) -> Story:
     story_id = validate_story_id(story_id)
-    story = await reads.get(story_id)
+    story = await reads.ask(story_id)
     if story is None:
         raise StoryNotFound(story_id)
     return story

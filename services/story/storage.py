@@ -28,7 +28,7 @@ _STORY_COLUMNS = ", ".join(["story_id::text AS story_id", *_COLUMNS])
 _STORY_COLUMNS_OF_S = ", ".join(["s.story_id::text AS story_id", *(f"s.{column}" for column in _COLUMNS)])
 # GetStory's one statement (also what tests/bench/select_server.py measures as the ceiling).
 GET_STORY_SQL = f"SELECT {_STORY_COLUMNS} FROM story.stories WHERE story_id = $1"
-# GetStory calls coalesced (services/story/coalesced_reads.py): any number of ids, one round trip.
+# GetStory calls coalesced (shared/coalescing.py): any number of ids, one round trip.
 GET_STORIES_SQL = f"SELECT {_STORY_COLUMNS} FROM story.stories WHERE story_id = ANY($1::uuid[])"
 
 

@@ -1,4 +1,4 @@
-"""GetStory's coalesced reads (services/story/coalesced_reads.py) on a real PostgreSQL:
+"""GetStory's coalesced reads (shared/coalescing.py) on a real PostgreSQL:
 callers that meet share one SELECT, and each still gets its own answer or its own error."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from casefile.story.v1 import story_service_pb2 as pb
 from services.story import domain, storage
-from services.story.coalesced_reads import CoalescedReads
+from shared.coalescing import Coalescer
 from services.story.handlers import content_from_proto
 from shared.db import create_pool
 from tests.case_files import case_file
@@ -29,7 +29,7 @@ async def new_story(pool: asyncpg.Pool, user_id: str = "u-reads") -> domain.Stor
     return await domain.create_story(pool, user_id=user_id, content=content, request_id="")
 
 
-def counted_reads(pool: asyncpg.Pool) -> tuple[CoalescedReads[str, domain.Story], list[list[str]]]:
+def counted_reads(pool: asyncpg.Pool) -> tuple[Coalescer[str, domain.Story], list[list[str]]]:
     """The story service's reads, recording the ids each SELECT was sent for."""
     batches: list[list[str]] = []
 
@@ -38,7 +38,7 @@ def counted_reads(pool: asyncpg.Pool) -> tuple[CoalescedReads[str, domain.Story]
         async with pool.acquire() as conn:
             return await storage.get_stories(conn, story_ids)
 
-    return CoalescedReads(fetch), batches
+    return Coalescer(fetch), batches
 
 
 async def test_concurrent_gets_of_different_stories_share_one_select(pool):
@@ -113,7 +113,7 @@ async def test_callers_that_come_while_a_select_is_out_wait_for_the_next_one(poo
         async with pool.acquire() as conn:
             return await storage.get_stories(conn, story_ids)
 
-    reads = CoalescedReads(fetch)
+    reads = Coalescer(fetch)
     first = asyncio.ensure_future(domain.get_story(reads, stories[0].story_id))
     await sent.wait()
     later = [asyncio.ensure_future(domain.get_story(reads, story.story_id)) for story in stories[1:]]
