@@ -453,15 +453,19 @@ async def set_story_image(pool: asyncpg.Pool, *, story_id: str, storage_id: str,
     story_id = validate_story_id(story_id)
     _check("storage_id", id_problem(storage_id, max_chars=MAX_STORAGE_ID_LENGTH))
     attempt = validate_attempt(attempt)
-    async with _connection(pool) as conn, conn.transaction():
-        story = await _current_attempt(conn, story_id, attempt)
-        if story.portrait_status is PortraitStatus.READY and story.storage_id == storage_id:
-            return story
-        if story.portrait_status in FINAL_PORTRAIT_STATUSES:
-            raise PortraitAlreadyFinal(story)
-        story = await storage.attach_portrait(conn, story_id, storage_id)
-    log.info("story.portrait_attached", extra={"story_id": story_id, "storage_id": storage_id, "attempt": attempt})
-    return story
+    async with _connection(pool) as conn:
+        found = await storage.attach_portrait(conn, story_id, storage_id, attempt)
+    if found is None:
+        raise StoryNotFound(story_id)
+    story, attached = found
+    if attached:
+        log.info("story.portrait_attached", extra={"story_id": story_id, "storage_id": storage_id, "attempt": attempt})
+        return story
+    if story.portrait_attempt != attempt:
+        raise StaleAttempt(story_id, attempt, story.portrait_attempt)
+    if story.portrait_status is PortraitStatus.READY and story.storage_id == storage_id:
+        return story
+    raise PortraitAlreadyFinal(story)
 
 
 async def set_portrait_status(

@@ -210,20 +210,36 @@ async def list_stories(
     return [_story_from_row(row) for row in rows]
 
 
-async def attach_portrait(conn: asyncpg.Connection, story_id: str, storage_id: str) -> model.Story:
-    """Marks the portrait READY with its object; the caller checked the attempt."""
-    row = await conn.fetchrow(
-        f"""
-        UPDATE story.stories
-        SET storage_id = $2, portrait_status = 'READY', portrait_error = '', update_time = clock_timestamp()
-        WHERE story_id = $1
-        RETURNING {_STORY_COLUMNS}
-        """,
-        story_id,
-        storage_id,
-        timeout=STATEMENT_TIMEOUT_SECONDS,
-    )
-    return _story_from_row(row)
+# SetStoryImage in one statement (one round trip, no BEGIN and COMMIT of their own): the row
+# locked, then marked READY with its object only if `attempt` is its current attempt and
+# still open. Either way the answer is the row as it is now, and whether this attached it.
+_ATTACH_PORTRAIT_SQL = f"""
+WITH current AS (
+    SELECT {_STORY_COLUMNS} FROM story.stories WHERE story_id = $1 FOR UPDATE
+),
+attached AS (
+    UPDATE story.stories AS s
+    SET storage_id = $2, portrait_status = 'READY', portrait_error = '', update_time = clock_timestamp()
+    FROM current
+    WHERE s.story_id = $1 AND current.portrait_attempt = $3
+      AND current.portrait_status NOT IN ('READY', 'FAILED', 'SKIPPED')
+    RETURNING {_STORY_COLUMNS_OF_S}
+)
+SELECT true AS attached, * FROM attached
+UNION ALL
+SELECT false, * FROM current WHERE NOT EXISTS (SELECT FROM attached)
+"""
+
+
+async def attach_portrait(
+    conn: asyncpg.Connection, story_id: str, storage_id: str, attempt: int
+) -> tuple[model.Story, bool] | None:
+    """Marks the portrait of `attempt` READY with its object if that attempt is current and
+    open: (the story now, whether this call attached it); None when there is no story."""
+    row = await conn.fetchrow(_ATTACH_PORTRAIT_SQL, story_id, storage_id, attempt, timeout=STATEMENT_TIMEOUT_SECONDS)
+    if row is None:
+        return None
+    return _story_from_row(row), row["attached"]
 
 
 async def end_portrait(conn: asyncpg.Connection, story_id: str, status: str, reason: str) -> model.Story:

@@ -200,6 +200,30 @@ async def test_set_story_image_is_idempotent(story):
     assert second == first  # same update_time: the second call changed nothing
 
 
+async def test_concurrent_images_for_one_attempt_attach_exactly_one(story):
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
+    keys = [f"portraits/{created.story_id}/1-{n}.png" for n in range(8)]
+
+    outcomes = await asyncio.gather(
+        *(story.SetStoryImage(pb.SetStoryImageRequest(story_id=created.story_id, storage_id=key, attempt=1), metadata=IMAGE)
+          for key in keys),
+        return_exceptions=True,
+    )
+
+    attached = [outcome.story for outcome in outcomes if isinstance(outcome, pb.SetStoryImageResponse)]
+    refused = [details_of(outcome).reason for outcome in outcomes if isinstance(outcome, grpc.aio.AioRpcError)]
+    assert len(attached) == 1 and refused == ["PORTRAIT_ALREADY_FINAL"] * 7
+    current = (await story.GetStory(pb.GetStoryRequest(story_id=created.story_id), metadata=GATEWAY)).story
+    assert current == attached[0] and current.storage_id in keys
+
+
+async def test_image_for_a_missing_story_is_not_found(story):
+    missing = "00000000-0000-4000-8000-000000000000"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.SetStoryImage(pb.SetStoryImageRequest(story_id=missing, storage_id="portraits/x.png", attempt=1), metadata=IMAGE)
+    assert (raised.value.code(), details_of(raised.value).reason) == (grpc.StatusCode.NOT_FOUND, "STORY_NOT_FOUND")
+
+
 async def test_portrait_status_never_takes_back_a_ready_portrait(story):
     created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
     ready = (
