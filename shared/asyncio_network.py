@@ -43,6 +43,22 @@ def asyncio_http_transport(**options: Any) -> httpx.AsyncHTTPTransport:
     return transport
 
 
+def asyncio_connection_pool(
+    *, max_connections: int, max_keepalive_connections: int, keepalive_expiry: float
+) -> httpcore.AsyncConnectionPool:
+    """httpcore's HTTP/1.1 pool, as httpx.AsyncHTTPTransport builds it (httpx's TLS context,
+    no retries), on AsyncioBackend, for a caller that sends httpcore requests itself."""
+    return httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(),
+        max_connections=max_connections,
+        max_keepalive_connections=max_keepalive_connections,
+        keepalive_expiry=keepalive_expiry,
+        http1=True,
+        http2=False,
+        network_backend=AsyncioBackend(),
+    )
+
+
 class AsyncioBackend(httpcore.AsyncNetworkBackend):
     async def connect_tcp(
         self,

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from services.image.providers import ImageDownloader, ProviderError
-from services.image.providers.download import image_from_bytes, is_public_address
+from services.image.providers import download
+from services.image.providers.download import HostConnections, image_from_bytes, is_public_address
 from tests.fakes.recraft import FakeRecraft, make_png
 
 pytestmark = pytest.mark.timeout(30)
@@ -27,30 +28,46 @@ async def host():
         yield fake
 
 
+@pytest.fixture(params=["kept-connections", "one-shot-client"])
+async def kept(request):
+    """Each download test runs on both paths: the service's kept connections (HostConnections,
+    httpcore's pools spoken to directly) and a one-shot httpx client (None)."""
+    if request.param == "one-shot-client":
+        yield None
+        return
+    connections = HostConnections()
+    yield connections
+    await connections.aclose()
+
+
+def downloader(kept: HostConnections | None, **options) -> ImageDownloader:
+    return ImageDownloader(connections=kept, **options)
+
+
 def file_requests(fake: FakeRecraft) -> list:
     return [request for request in fake.requests if request.path.startswith("/files/")]
 
 
-async def test_fetches_a_png_and_reads_its_real_size(host):
+async def test_fetches_a_png_and_reads_its_real_size(host, kept):
     data = make_png(96, 48)
-    image = await ImageDownloader(allow_private=True).fetch(host.host_image(data))
+    image = await downloader(kept, allow_private=True).fetch(host.host_image(data))
     assert image.data == data
     assert (image.content_type, image.width, image.height) == ("image/png", 96, 48)
 
 
 @pytest.mark.parametrize("fmt, content_type", [("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif")])
-async def test_other_image_formats_are_recognised_by_their_bytes(host, fmt, content_type):
+async def test_other_image_formats_are_recognised_by_their_bytes(host, fmt, content_type, kept):
     buffer = io.BytesIO()
     Image.new("RGB", (30, 20), (10, 200, 10)).save(buffer, format=fmt)
-    image = await ImageDownloader(allow_private=True).fetch(host.host_image(buffer.getvalue()))
+    image = await downloader(kept, allow_private=True).fetch(host.host_image(buffer.getvalue()))
     assert (image.content_type, image.width, image.height) == (content_type, 30, 20)
 
 
 @pytest.mark.parametrize("hostname", ["127.0.0.1", "localhost", "[::1]", "0.0.0.0"])
-async def test_loopback_is_refused_unless_allowed(host, hostname):
+async def test_loopback_is_refused_unless_allowed(host, hostname, kept):
     url = host.host_image(make_png()).replace("127.0.0.1", hostname)
     with pytest.raises(ProviderError, match="private or reserved") as raised:
-        await ImageDownloader(allow_private=False).fetch(url)
+        await downloader(kept, allow_private=False).fetch(url)
     assert raised.value.transient is False
     assert file_requests(host) == []
 
@@ -75,92 +92,92 @@ async def test_redirect_from_public_to_loopback_is_refused(host):
 
 
 @pytest.mark.parametrize("hops", [1, 3])
-async def test_redirects_are_followed_up_to_three(host, hops):
+async def test_redirects_are_followed_up_to_three(host, hops, kept):
     image_id = host.host_image(make_png()).rsplit("/", 1)[1].removesuffix(".png")
-    image = await ImageDownloader(allow_private=True).fetch(f"{host.base_url}/redirect/{hops}/{image_id}.png")
+    image = await downloader(kept, allow_private=True).fetch(f"{host.base_url}/redirect/{hops}/{image_id}.png")
     assert image.width == 64
     assert len(host.requests) == hops + 1
 
 
-async def test_more_than_three_redirects_are_refused(host):
+async def test_more_than_three_redirects_are_refused(host, kept):
     image_id = host.host_image(make_png()).rsplit("/", 1)[1].removesuffix(".png")
     with pytest.raises(ProviderError, match="redirects") as raised:
-        await ImageDownloader(allow_private=True).fetch(f"{host.base_url}/redirect/4/{image_id}.png")
+        await downloader(kept, allow_private=True).fetch(f"{host.base_url}/redirect/4/{image_id}.png")
     assert raised.value.transient is False
     assert file_requests(host) == []
 
 
 @pytest.mark.parametrize("target", ["file:///etc/passwd", "ftp://example.com/x.png", "gopher://127.0.0.1:25/"])
-async def test_redirect_to_another_scheme_is_refused(host, target):
+async def test_redirect_to_another_scheme_is_refused(host, target, kept):
     with pytest.raises(ProviderError, match="http or https") as raised:
-        await ImageDownloader(allow_private=True).fetch(f"{host.base_url}/redirect-to?url={target}")
+        await downloader(kept, allow_private=True).fetch(f"{host.base_url}/redirect-to?url={target}")
     assert raised.value.transient is False
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "data:image/png;base64,AAAA", "not a url", ""])
-async def test_only_http_urls_are_fetched(url):
+async def test_only_http_urls_are_fetched(url, kept):
     with pytest.raises(ProviderError) as raised:
-        await ImageDownloader(allow_private=True).fetch(url)
+        await downloader(kept, allow_private=True).fetch(url)
     assert raised.value.transient is False
 
 
-async def test_declared_content_length_over_the_cap_is_refused(host):
+async def test_declared_content_length_over_the_cap_is_refused(host, kept):
     with pytest.raises(ProviderError, match="larger than 100 bytes") as raised:
-        await ImageDownloader(allow_private=True, max_bytes=100).fetch(host.host_image(make_png()))
+        await downloader(kept, allow_private=True, max_bytes=100).fetch(host.host_image(make_png()))
     assert raised.value.transient is False
 
 
-async def test_streamed_body_over_the_cap_is_cut_off(host):
+async def test_streamed_body_over_the_cap_is_cut_off(host, kept):
     host.image_mode = "png_chunked"
     data = make_png(512, 512, (1, 2, 3)) + bytes(range(256)) * 40  # trailing bytes: still a PNG
     url = host.host_image(data)
     with pytest.raises(ProviderError, match="larger than 4000 bytes"):
-        await ImageDownloader(allow_private=True, max_bytes=4000).fetch(url)
+        await downloader(kept, allow_private=True, max_bytes=4000).fetch(url)
     # The same stream under a roomier cap is accepted: the refusal above came from the cap.
-    image = await ImageDownloader(allow_private=True, max_bytes=len(data)).fetch(url)
+    image = await downloader(kept, allow_private=True, max_bytes=len(data)).fetch(url)
     assert image.data == data
 
 
-async def test_a_non_image_is_refused(host):
+async def test_a_non_image_is_refused(host, kept):
     host.image_mode = "not_image"
     with pytest.raises(ProviderError, match="not an image") as raised:
-        await ImageDownloader(allow_private=True).fetch(host.host_image(make_png()))
+        await downloader(kept, allow_private=True).fetch(host.host_image(make_png()))
     assert raised.value.transient is False
 
 
-async def test_a_corrupt_image_is_refused(host):
+async def test_a_corrupt_image_is_refused(host, kept):
     broken = make_png(64, 64)[:60]  # PNG signature and header, then nothing
     with pytest.raises(ProviderError) as raised:
-        await ImageDownloader(allow_private=True).fetch(host.host_image(broken))
+        await downloader(kept, allow_private=True).fetch(host.host_image(broken))
     assert raised.value.transient is False
 
 
-async def test_5xx_is_transient_and_404_is_permanent(host):
+async def test_5xx_is_transient_and_404_is_permanent(host, kept):
     url = host.host_image(make_png())
     host.fail_next(status=503, path_prefix="/files/")
     with pytest.raises(ProviderError) as raised:
-        await ImageDownloader(allow_private=True).fetch(url)
+        await downloader(kept, allow_private=True).fetch(url)
     assert (raised.value.status, raised.value.transient) == (503, True)
     with pytest.raises(ProviderError) as raised:
-        await ImageDownloader(allow_private=True).fetch(f"{host.base_url}/files/missing.png")
+        await downloader(kept, allow_private=True).fetch(f"{host.base_url}/files/missing.png")
     assert (raised.value.status, raised.value.transient) == (404, False)
 
 
-async def test_a_slow_host_hits_the_overall_deadline(host):
+async def test_a_slow_host_hits_the_overall_deadline(host, kept):
     host.delay_seconds = 2
     started = time.monotonic()
     with pytest.raises(ProviderError, match="timed out") as raised:
-        await ImageDownloader(allow_private=True, timeout=0.3).fetch(host.host_image(make_png()))
+        await downloader(kept, allow_private=True, timeout=0.3).fetch(host.host_image(make_png()))
     assert raised.value.transient is True
     assert time.monotonic() - started < 1.5
 
 
-async def test_unreachable_host_is_transient():
+async def test_unreachable_host_is_transient(kept):
     fake = await FakeRecraft().start()
     url = fake.host_image(make_png())
     await fake.stop()
     with pytest.raises(ProviderError) as raised:
-        await ImageDownloader(allow_private=True).fetch(url)
+        await downloader(kept, allow_private=True).fetch(url)
     assert raised.value.transient is True
 
 
@@ -205,17 +222,17 @@ def test_huge_canvas_is_refused_without_decoding():
         image_from_bytes(buffer.getvalue())
 
 
-async def test_a_gzip_body_is_counted_decoded_and_cut_at_the_cap(host):
+async def test_a_gzip_body_is_counted_decoded_and_cut_at_the_cap(host, kept):
     host.image_mode = "gzip"
     # A real PNG followed by 8 MB of zeros: about 8 KB on the wire.
     bomb = make_png(64, 64) + bytes(8 * 1024 * 1024)
     url = host.host_image(bomb)
     with pytest.raises(ProviderError, match="larger than 1048576 bytes") as raised:
-        await ImageDownloader(allow_private=True, max_bytes=1024 * 1024).fetch(url)
+        await downloader(kept, allow_private=True, max_bytes=1024 * 1024).fetch(url)
     assert raised.value.transient is False
 
     small = make_png(40, 30)
-    image = await ImageDownloader(allow_private=True).fetch(host.host_image(small))
+    image = await downloader(kept, allow_private=True).fetch(host.host_image(small))
     assert image.data == small and (image.width, image.height) == (40, 30)
 
 
@@ -230,3 +247,43 @@ async def test_a_pooled_connection_is_never_reused_for_another_download(host):
     peers = [request.peer for request in file_requests(host)]
     assert len(peers) == 2 and peers[0] != peers[1]
     assert all(request.headers["Connection"].lower() == "close" for request in file_requests(host))
+
+
+async def test_kept_connections_serve_one_host_name_each(host):
+    images = [host.host_image(make_png()) for _ in range(3)]
+    connections = HostConnections()
+    try:
+        downloader = ImageDownloader(allow_private=True, connections=connections)
+        await downloader.fetch(images[0])
+        await downloader.fetch(images[1])
+        await downloader.fetch(images[2].replace("127.0.0.1", "localhost"))
+    finally:
+        await connections.aclose()
+    peers = [request.peer for request in file_requests(host)]
+    # The first connection served the second download; another name got its own.
+    assert peers[0] == peers[1] and peers[2] != peers[0]
+    assert [request.headers["Host"] for request in file_requests(host)] == [
+        host.base_url.removeprefix("http://")
+    ] * 2 + [host.base_url.removeprefix("http://").replace("127.0.0.1", "localhost")]
+
+
+async def test_kept_connections_connect_to_the_checked_address_under_the_original_name(host, monkeypatch):
+    # The name's checked address stands in for DNS (nothing here resolves a public name):
+    # the download must connect there, never look the name up again, and say the name.
+    checked = []
+
+    async def resolve(url):
+        checked.append(url.host)
+        return ipaddress.ip_address("127.0.0.1")
+
+    monkeypatch.setattr(download, "_resolve_public_address", resolve)
+    port = host.base_url.rsplit(":", 1)[1]
+    url = host.host_image(make_png()).replace(host.base_url, f"http://images.invalid:{port}")
+    connections = HostConnections()
+    try:
+        image = await ImageDownloader(allow_private=False, connections=connections).fetch(url)
+    finally:
+        await connections.aclose()
+    assert image.width == 64 and checked == ["images.invalid"]
+    [request] = file_requests(host)
+    assert request.headers["Host"] == f"images.invalid:{port}"

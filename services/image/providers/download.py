@@ -9,7 +9,9 @@ import logging
 import socket
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import h11
 import httpcore
@@ -19,7 +21,7 @@ from h11._receivebuffer import ReceiveBuffer
 from services.image.providers.base import GeneratedImage, ProviderError
 # Re-exported: the downloader's check is the one every image passes.
 from services.image.providers.pictures import MAX_PIXELS, image_from_bytes  # noqa: F401
-from shared.asyncio_network import asyncio_http_transport
+from shared.asyncio_network import asyncio_connection_pool
 
 log = logging.getLogger(__name__)
 
@@ -79,37 +81,42 @@ class HostConnections:
     that name was checked to have, so keeping it alive cannot carry one name's request over
     another name's connection (or TLS session). Saving the TCP (and TLS) set-up of every
     image is most of the download's CPU on a fast network.
+
+    The pools are httpcore's, the engine under httpx, spoken to directly: httpx's client
+    and response layers (cookies, auth and redirect hooks, URL and header models, stream
+    wrappers) were about a third of a 1 MiB download's CPU, and a download needs none of
+    them: redirects and their checks are the downloader's own.
     """
 
     def __init__(
         self, *, max_hosts: int = MAX_KEPT_HOSTS, connections_per_host: int = CONNECTIONS_PER_HOST
     ) -> None:
         self._max_hosts = max_hosts
-        self._limits = httpx.Limits(
-            max_connections=connections_per_host,
-            max_keepalive_connections=connections_per_host,
-            keepalive_expiry=KEEPALIVE_SECONDS,
-        )
-        self._clients: OrderedDict[tuple, httpx.AsyncClient] = OrderedDict()
+        self._connections_per_host = connections_per_host
+        self._pools: OrderedDict[tuple, httpcore.AsyncConnectionPool] = OrderedDict()
         self._retiring: set[asyncio.Task] = set()
 
-    def client_for(self, target: httpx.URL, address: IpAddress | None) -> httpx.AsyncClient:
+    def pool_for(self, target: httpx.URL, address: IpAddress | None) -> httpcore.AsyncConnectionPool:
         key = (target.scheme, target.host, target.port, str(address) if address else None)
-        client = self._clients.get(key)
-        if client is None:
-            client = httpx.AsyncClient(follow_redirects=False, transport=asyncio_http_transport(limits=self._limits))
-            self._clients[key] = client
-            if len(self._clients) > self._max_hosts:
-                self._retire(self._clients.popitem(last=False)[1])
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = asyncio_connection_pool(
+                max_connections=self._connections_per_host,
+                max_keepalive_connections=self._connections_per_host,
+                keepalive_expiry=KEEPALIVE_SECONDS,
+            )
+            self._pools[key] = pool
+            if len(self._pools) > self._max_hosts:
+                self._retire(self._pools.popitem(last=False)[1])
         else:
-            self._clients.move_to_end(key)
-        return client
+            self._pools.move_to_end(key)
+        return pool
 
-    def _retire(self, client: httpx.AsyncClient) -> None:
+    def _retire(self, pool: httpcore.AsyncConnectionPool) -> None:
         # A download may still be reading from it: close it once any download would be over.
         async def close_later() -> None:
             await asyncio.sleep(KEEPALIVE_SECONDS)
-            await client.aclose()
+            await pool.aclose()
 
         task = asyncio.get_running_loop().create_task(close_later())
         self._retiring.add(task)
@@ -118,9 +125,19 @@ class HostConnections:
     async def aclose(self) -> None:
         for task in list(self._retiring):
             task.cancel()
-        clients, self._clients = list(self._clients.values()), OrderedDict()
-        for client in clients:
-            await client.aclose()
+        pools, self._pools = list(self._pools.values()), OrderedDict()
+        for pool in pools:
+            await pool.aclose()
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """One response, whichever client fetched it: its status, headers and raw body."""
+
+    status: int
+    headers: httpx.Headers
+    chunks: AsyncIterator[bytes]
+    aclose: Callable[[], Awaitable[None]]
 
 
 class ImageDownloader:
@@ -162,16 +179,15 @@ class ImageDownloader:
                 target = _parse_http_url(url)
                 address = None if self.allow_private else await _resolve_public_address(target)
                 if one_shot is None:
-                    client, headers = self._connections.client_for(target, address), _DOWNLOAD_HEADERS
+                    answer = await _send_kept(self._connections.pool_for(target, address), target, address)
                 else:
-                    client, headers = one_shot, _ONE_SHOT_HEADERS
-                response = await _send(client, _build_request(client, target, address, headers))
+                    answer = await _send(one_shot, _build_request(one_shot, target, address, _ONE_SHOT_HEADERS))
                 try:
-                    if response.status_code not in REDIRECT_STATUSES:
-                        return await self._read_body(response)
-                    url = _redirect_target(response, url)
+                    if answer.status not in REDIRECT_STATUSES:
+                        return await self._read_body(answer)
+                    url = _redirect_target(answer.headers, url)
                 finally:
-                    await response.aclose()
+                    await answer.aclose()
         raise ProviderError(f"image download: more than {MAX_REDIRECTS} redirects", transient=False)
 
     @contextlib.asynccontextmanager
@@ -185,26 +201,26 @@ class ImageDownloader:
             async with httpx.AsyncClient(follow_redirects=False) as client:
                 yield client
 
-    async def _read_body(self, response: httpx.Response) -> bytes:
-        _raise_for_status(response)
-        declared = response.headers.get("content-length")
+    async def _read_body(self, answer: _Answer) -> bytes:
+        _raise_for_status(answer.status)
+        declared = answer.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             raise _too_large(self.max_bytes)
-        decoder = _decoder_for(response.headers.get("content-encoding", ""))
+        decoder = _decoder_for(answer.headers.get("content-encoding", ""))
         # The decoded pieces are kept as they come and joined once: one copy of the image in
         # all, where growing a bytearray and then turning it into bytes made three.
         pieces: list[bytes] = []
         size = 0
         try:
             # Raw bytes, decoded here with a bound: a few KB of gzip can inflate to GBs.
-            async for chunk in response.aiter_raw():
+            async for chunk in answer.chunks:
                 piece = decoder.decode(chunk, self.max_bytes - size + 1)
                 pieces.append(piece)
                 size += len(piece)
                 if size > self.max_bytes:
                     raise _too_large(self.max_bytes)
             piece = decoder.finish(self.max_bytes - size + 1)
-        except httpx.TransportError as error:
+        except _TRANSPORT_ERRORS as error:
             raise _network_error(error) from error
         pieces.append(piece)
         size += len(piece)
@@ -329,24 +345,59 @@ def _host_header(url: httpx.URL) -> str:
     return host if url.port is None else f"{host}:{url.port}"
 
 
-async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> _Answer:
     try:
-        return await client.send(request, stream=True, follow_redirects=False)
+        response = await client.send(request, stream=True, follow_redirects=False)
     except httpx.TimeoutException:
         raise ProviderError("image download timed out", transient=True) from None
     except httpx.TransportError as error:
         raise _network_error(error) from error
+    return _Answer(response.status_code, response.headers, response.aiter_raw(), response.aclose)
 
 
-def _redirect_target(response: httpx.Response, current_url: str) -> str:
-    location = response.headers.get("location")
+# What a kept connection's exchange raises (httpcore's own), and a one-shot client's (httpx's).
+_TIMEOUTS = (httpx.TimeoutException, httpcore.TimeoutException)
+_TRANSPORT_ERRORS = (httpx.TransportError, httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError)
+# What httpx's client sends by default, less the encodings we do not decode ourselves.
+_KEPT_HEADERS = [
+    (b"Accept", b"*/*"),
+    (b"Accept-Encoding", _DOWNLOAD_HEADERS["Accept-Encoding"].encode()),
+    (b"User-Agent", f"python-httpx/{httpx.__version__}".encode()),
+]
+# httpx's default: 5 s for each of connect, read, write and a free pooled connection.
+_KEPT_TIMEOUTS = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}
+
+
+async def _send_kept(pool: httpcore.AsyncConnectionPool, target: httpx.URL, address: IpAddress | None) -> _Answer:
+    """GET `target` over the pool's kept connections; with `address`, connected to that
+    address (the one checked) under the original Host and TLS name, as _build_request does."""
+    extensions: dict[str, Any] = {"timeout": _KEPT_TIMEOUTS}
+    if address is not None and target.scheme == "https":
+        extensions["sni_hostname"] = target.host
+    url = httpcore.URL(
+        scheme=target.raw_scheme,
+        host=str(address).encode("ascii") if address is not None else target.raw_host,
+        port=target.port,
+        target=target.raw_path,
+    )
+    headers = [(b"Host", _host_header(target).encode("ascii")), *_KEPT_HEADERS]
+    try:
+        response = await pool.handle_async_request(httpcore.Request(b"GET", url, headers=headers, extensions=extensions))
+    except _TIMEOUTS:
+        raise ProviderError("image download timed out", transient=True) from None
+    except _TRANSPORT_ERRORS as error:
+        raise _network_error(error) from error
+    return _Answer(response.status, httpx.Headers(response.headers), response.aiter_stream(), response.aclose)
+
+
+def _redirect_target(headers: httpx.Headers, current_url: str) -> str:
+    location = headers.get("location")
     if not location:
         raise ProviderError("image download: redirect without a Location", transient=False)
     return str(httpx.URL(current_url).join(location))
 
 
-def _raise_for_status(response: httpx.Response) -> None:
-    status = response.status_code
+def _raise_for_status(status: int) -> None:
     if status < 400:
         return
     transient = status in (408, 429) or status >= 500
@@ -357,5 +408,5 @@ def _too_large(max_bytes: int) -> ProviderError:
     return ProviderError(f"image is larger than {max_bytes} bytes", transient=False)
 
 
-def _network_error(error: httpx.TransportError) -> ProviderError:
+def _network_error(error: Exception) -> ProviderError:
     return ProviderError(f"image download failed: {type(error).__name__}", transient=True)
