@@ -420,10 +420,11 @@ StoryReads = Coalescer[str, Story]
 def story_reads(pool: asyncpg.Pool) -> StoryReads:
     """Reads of stories by id: calls that come while a read is on its way share the next
     SELECT (shared/coalescing.py)."""
+    decoded = storage.DecodedStories()
 
     async def fetch(story_ids: list[str]) -> dict[str, Story]:
         async with _connection(pool) as conn:
-            return await storage.get_stories(conn, story_ids)
+            return await storage.get_stories(conn, story_ids, decoded)
 
     return Coalescer(fetch)
 
