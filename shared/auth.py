@@ -56,6 +56,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # "sha256:<hex>" are compared with the hash of the presented token.
         self._tokens = [_known_token(token, caller) for token, caller in tokens.items()]
         self._allowed = dict(allowed)
+        # Presented tokens that matched, and their caller: every call carries one of a few
+        # tokens, and hashing plus comparing against each known one was most of the
+        # check's time. Only matches are kept (so at most one entry per known token, and a
+        # guess never grows it); the tokens are fixed for the process's life and never
+        # expire, so a match stays true. A miss takes the constant-time path below.
+        self._verified: dict[str, str] = {}
 
     async def intercept_service(
         self,
@@ -94,6 +100,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return caller, None
 
     def _caller_for(self, token: str) -> str | None:
+        caller = self._verified.get(token)
+        if caller is None:
+            caller = self._compare_with_known(token)
+            if caller is not None:
+                self._verified[token] = caller
+        return caller
+
+    def _compare_with_known(self, token: str) -> str | None:
         presented = token.encode()
         presented_hash = hashlib.sha256(presented).hexdigest().encode()
         caller = None

@@ -56,49 +56,85 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every RPC by method and status code and times it. Put it first, so the calls
     that later interceptors refuse (a missing token) are counted too."""
 
+    def __init__(self) -> None:
+        # method -> (the handler grpc gave, its timed twin). grpc answers each served method
+        # with the same handler object, so the twin (and its label children) is built once
+        # instead of on every call; a different handler (a refusal's) gets one of its own.
+        # Only methods the process serves are kept, so callers' names cannot grow it.
+        self._timed: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:
             return None  # grpc answers UNIMPLEMENTED itself
-        if handler.unary_unary is not None:
-            labels = _rpc_labels(details.method, False)
-            return grpc.unary_unary_rpc_method_handler(
-                _timed_unary(handler.unary_unary, labels),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            labels = _rpc_labels(details.method, True)
-            return grpc.unary_stream_rpc_method_handler(
-                _timed_stream(handler.unary_stream, labels),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # no client-streaming methods are served; left as they are
+        known = self._timed.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        timed = _timed_handler(handler, details.method)
+        if timed is not handler and _rpc_labels(details.method, handler.unary_stream is not None)[1] != UNKNOWN_METHOD:
+            self._timed[details.method] = (handler, timed)
+        return timed
 
 
-def _timed_unary(behaviour: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Awaitable[Any]]:
+def _timed_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _timed_unary(handler.unary_unary, _Recorder(_rpc_labels(method, False))),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _timed_stream(handler.unary_stream, _Recorder(_rpc_labels(method, True))),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler  # no client-streaming methods are served; left as they are
+
+
+class _Recorder:
+    """One method's metric children, looked up once: labels() takes a lock and checks its
+    arguments on every use, three times per call."""
+
+    def __init__(self, labels: tuple[str, str, str]) -> None:
+        self.labels = labels
+        self._started = RPC_STARTED.labels(*labels)
+        self._seconds = RPC_SECONDS.labels(*labels)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def started(self) -> None:
+        self._started.inc()
+
+    def record(self, code: grpc.StatusCode, started: float) -> None:
+        handled = self._handled.get(code)
+        if handled is None:
+            handled = self._handled[code] = RPC_HANDLED.labels(*self.labels, code.name)
+        handled.inc()
+        self._seconds.observe(time.perf_counter() - started)
+
+
+def _timed_unary(behaviour: Callable[..., Any], recorder: _Recorder) -> Callable[..., Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        RPC_STARTED.labels(*labels).inc()
+        recorder.started()
         started = time.perf_counter()
         try:
             response = behaviour(request, context)
             if inspect.isawaitable(response):
                 response = await response
         except BaseException as error:
-            _record_failure(labels, context, started, error)
+            _record_failure(recorder, context, started, error)
             raise
-        _record_success(labels, context, started)
+        _record_success(recorder, context, started)
         return response
 
     return handle
 
 
-def _timed_stream(behaviour: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., AsyncIterator[Any]]:
+def _timed_stream(behaviour: Callable[..., Any], recorder: _Recorder) -> Callable[..., AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        RPC_STARTED.labels(*labels).inc()
+        recorder.started()
         started = time.perf_counter()
         try:
             responses = behaviour(request, context)
@@ -108,29 +144,22 @@ def _timed_stream(behaviour: Callable[..., Any], labels: tuple[str, str, str]) -
             elif inspect.isawaitable(responses):
                 await responses  # a handler that writes with context.write, or only aborts
         except BaseException as error:
-            _record_failure(labels, context, started, error)
+            _record_failure(recorder, context, started, error)
             raise
-        _record_success(labels, context, started)
+        _record_success(recorder, context, started)
 
     return handle
 
 
-def _record_success(labels: tuple[str, str, str], context: grpc.aio.ServicerContext, started: float) -> None:
+def _record_success(recorder: _Recorder, context: grpc.aio.ServicerContext, started: float) -> None:
     code = context.code()  # None unless the handler set one
-    _record(labels, code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK, started)
+    recorder.record(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK, started)
 
 
-def _record_failure(
-    labels: tuple[str, str, str], context: grpc.aio.ServicerContext, started: float, error: BaseException
-) -> None:
+def _record_failure(recorder: _Recorder, context: grpc.aio.ServicerContext, started: float, error: BaseException) -> None:
     code = context.code()
     if isinstance(error, asyncio.CancelledError) and not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.CANCELLED
     elif not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
         code = grpc.StatusCode.UNKNOWN  # an exception nobody turned into a status
-    _record(labels, code, started)
-
-
-def _record(labels: tuple[str, str, str], code: grpc.StatusCode, started: float) -> None:
-    RPC_HANDLED.labels(*labels, code.name).inc()
-    RPC_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+    recorder.record(code, started)

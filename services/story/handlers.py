@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -125,6 +126,30 @@ def story_to_proto(story: domain.Story) -> pb.Story:
     )
 
 
+class StoryProtos:
+    """The pb.Story of each story read lately, by the Story object itself: the reads hand
+    out the same frozen Story while its row is unchanged (storage.DecodedStories), so a
+    polled story's proto is built once instead of on every call. Callers get a copy (a
+    response's story field copies it), never the kept message."""
+
+    def __init__(self, max_stories: int = 1024) -> None:
+        self._max_stories = max_stories
+        # id(story) -> (story, its proto); the story is kept so its id is not reused.
+        self._known: OrderedDict[int, tuple[domain.Story, pb.Story]] = OrderedDict()
+
+    def of(self, story: domain.Story) -> pb.Story:
+        known = self._known.get(id(story))
+        if known is not None and known[0] is story:
+            self._known.move_to_end(id(story))
+            return known[1]
+        proto = story_to_proto(story)
+        self._known[id(story)] = (story, proto)
+        self._known.move_to_end(id(story))
+        if len(self._known) > self._max_stories:
+            self._known.popitem(last=False)
+        return proto
+
+
 def content_from_proto(request: pb.CreateStoryRequest) -> domain.StoryContent:
     content = request.content
     return domain.StoryContent(
@@ -161,6 +186,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
     ) -> None:
         self._pool = pool
         self._reads = domain.story_reads(pool)
+        self._protos = StoryProtos()
         self._writer = writer
         self._events = events
         self._changes = changes
@@ -194,7 +220,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
     @_abort_on_domain_error
     async def GetStory(self, request: pb.GetStoryRequest, context: grpc.aio.ServicerContext) -> pb.GetStoryResponse:
         story = await domain.get_story(self._reads, request.story_id)
-        return pb.GetStoryResponse(story=story_to_proto(story))
+        return pb.GetStoryResponse(story=self._protos.of(story))
 
     @_abort_on_domain_error
     async def ListStories(self, request: pb.ListStoriesRequest, context: grpc.aio.ServicerContext) -> pb.ListStoriesResponse:
@@ -212,7 +238,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
             async for story in domain.watch_story(
                 self._reads, self._changes, story_id=request.story_id, limits=self._watch_limits
             ):
-                yield pb.WatchStoryResponse(story=story_to_proto(story))
+                yield pb.WatchStoryResponse(story=self._protos.of(story))
         except domain.DomainError as error:
             await _refuse(context, "WatchStory", error)
         except asyncpg.PostgresError as error:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import OrderedDict
 
 import asyncpg
 
@@ -178,10 +179,43 @@ async def get_story(conn: asyncpg.Connection, story_id: str, *, for_update: bool
     return _maybe_story(row)
 
 
-async def get_stories(conn: asyncpg.Connection, story_ids: list[str]) -> dict[str, model.Story]:
+class DecodedStories:
+    """The story last decoded from each story's row, handed out again while a row read
+    later holds the very same values (compared in full, so nothing can be stale): polled
+    stories (GetStory, WatchStory) skip two json.loads and the model's dataclasses, about
+    a tenth of a GetStory's CPU in the service. Holds at most `max_stories`, least
+    recently read dropped first."""
+
+    def __init__(self, max_stories: int = 1024) -> None:
+        self._max_stories = max_stories
+        self._known: OrderedDict[str, tuple[asyncpg.Record, model.Story]] = OrderedDict()
+
+    def story(self, row: asyncpg.Record) -> model.Story:
+        story_id = row["story_id"]
+        known = self._known.get(story_id)
+        if known is not None and known[0] == row:
+            self._known.move_to_end(story_id)
+            return known[1]
+        story = _story_from_row(row)
+        self._known[story_id] = (row, story)
+        self._known.move_to_end(story_id)
+        if len(self._known) > self._max_stories:
+            self._known.popitem(last=False)
+        return story
+
+
+async def get_stories(
+    conn: asyncpg.Connection, story_ids: list[str], decoded: DecodedStories | None = None
+) -> dict[str, model.Story]:
     """The stories of `story_ids` that exist, by id (ids in the canonical UUID spelling)."""
+    decode = decoded.story if decoded is not None else _story_from_row
+    if len(story_ids) == 1:
+        # Most batches hold one id: the plain key lookup costs the client and PostgreSQL
+        # less than encoding and scanning a one-element array.
+        row = await conn.fetchrow(GET_STORY_SQL, story_ids[0], timeout=STATEMENT_TIMEOUT_SECONDS)
+        return {row["story_id"]: decode(row)} if row is not None else {}
     rows = await conn.fetch(GET_STORIES_SQL, story_ids, timeout=STATEMENT_TIMEOUT_SECONDS)
-    return {row["story_id"]: _story_from_row(row) for row in rows}
+    return {row["story_id"]: decode(row) for row in rows}
 
 
 async def list_stories(

@@ -190,3 +190,26 @@ async def test_a_caller_listed_by_the_hash_of_its_token_is_admitted():
             )
     finally:
         await running.stop(0)
+
+
+async def test_a_token_admitted_before_still_answers_for_its_caller_only(channel):
+    call = unary(channel, "Whoami")
+    for _ in range(2):  # the second time from the interceptor's verified tokens
+        assert await call(b"", metadata=bearer_metadata("tok-gateway")) == b"gateway"
+        assert await call(b"", metadata=bearer_metadata("tok-image")) == b"image"
+    # A verified token is still checked against the method, and its neighbours still fail.
+    await expect_error(
+        unary(channel, "SetStoryImage")(b"", metadata=bearer_metadata("tok-gateway")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "caller 'gateway' may not call SetStoryImage",
+    )
+    for near in ("tok-gateway2", "tok-gatewa", "TOK-GATEWAY"):
+        await expect_error(call(b"", metadata=bearer_metadata(near)), grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+
+
+def test_only_admitted_tokens_are_remembered():
+    interceptor = AuthInterceptor(TOKENS, ALLOWED)
+    for n in range(100):
+        assert interceptor._caller_for(f"guess-{n}") is None
+    assert interceptor._caller_for("tok-admin") == "admin"
+    assert interceptor._verified == {"tok-admin": "admin"}

@@ -137,3 +137,31 @@ async def test_a_caller_that_gives_up_leaves_the_others_answered(pool):
     assert (await stays).story_id == stories[1].story_id
     with pytest.raises(asyncio.CancelledError):
         await gives_up
+
+
+async def test_an_unchanged_row_gives_the_same_story_and_a_changed_one_a_new_story(pool):
+    story = await new_story(pool)
+    decoded = storage.DecodedStories()
+    async with pool.acquire() as conn:
+        first = (await storage.get_stories(conn, [story.story_id], decoded))[story.story_id]
+        again = (await storage.get_stories(conn, [story.story_id, str(uuid.uuid4())], decoded))[story.story_id]
+    assert again is first  # read again, decoded once
+
+    await domain.set_story_image(pool, story_id=story.story_id, storage_id="portraits/p.png", attempt=1)
+    async with pool.acquire() as conn:
+        changed = (await storage.get_stories(conn, [story.story_id], decoded))[story.story_id]
+    assert changed is not first
+    assert (changed.storage_id, changed.portrait_status) == ("portraits/p.png", domain.PortraitStatus.READY)
+    assert (first.storage_id, first.portrait_status) == ("", domain.PortraitStatus.PENDING)
+
+
+async def test_decoded_stories_keep_only_the_latest_read(pool):
+    stories = [await new_story(pool, f"u-keep-{n}") for n in range(3)]
+    decoded = storage.DecodedStories(max_stories=2)
+    async with pool.acquire() as conn:
+        first = await storage.get_stories(conn, [stories[0].story_id], decoded)
+        await storage.get_stories(conn, [s.story_id for s in stories[1:]], decoded)
+        again = await storage.get_stories(conn, [stories[0].story_id], decoded)
+    # The oldest was dropped to make room, so it was decoded anew; the answer is the same.
+    assert again[stories[0].story_id] is not first[stories[0].story_id]
+    assert again[stories[0].story_id] == first[stories[0].story_id]
