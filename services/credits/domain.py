@@ -547,10 +547,13 @@ class Charges:
         self.limit = limit
         self.batches: Coalescer[_BatchedCharge, storage.ChargeAttempt] = Coalescer(self._charge_batch)
         self.call_numbers = itertools.count()
+        # Users with a charge in a batch that is open or on its way.
+        self.users_in_batches: set[str] = set()
 
     async def _charge_batch(self, calls: list[_BatchedCharge]) -> dict[_BatchedCharge, storage.ChargeAttempt]:
         """The batch's first charge of each user and of each request_id; the others are left
-        out, so their callers charge alone (one UPDATE cannot move an account twice)."""
+        out, so their callers charge alone (one UPDATE cannot move an account twice, and a
+        repeated request_id would fail the whole statement on its unique key)."""
         users: set[str] = set()
         request_ids: set[str] = set()
         batch: dict[storage.AskedCharge, _BatchedCharge] = {}
@@ -608,15 +611,23 @@ async def charge(charges: Charges, *, user_id: str, amount: int, reference: str,
 
 
 async def _charge_in_a_batch(charges: Charges, asked: storage.AskedCharge) -> storage.ChargeAttempt | None:
-    """The batch's attempt at this charge; None when it was left out of the batch or the
-    batch's statement failed (a twin of another call raced it, the database is away): the
+    """The batch's attempt at this charge; None when its account is in a batch already, it
+    was left out of the batch, or the batch's statement failed (a twin of another call raced it, the database is away): the
     charge then runs alone, where any such failure is this call's own."""
+    if asked.user_id in charges.users_in_batches:
+        # The account is in a batch already, which could take only one of its charges: this
+        # one goes alone at once rather than wait for that batch first (a hot account's
+        # charges queue on its row lock, as they would without batches).
+        return None
+    charges.users_in_batches.add(asked.user_id)
     try:
         return await charges.batches.ask((next(charges.call_numbers), asked))
     except Exception as error:  # noqa: BLE001 - the lone attempt meets it again if it is ours
         log.info("credits.charge_batch_failed", extra={"user_id": asked.user_id, "request_id": asked.request_id,
                                                        "error": repr(error)})
         return None
+    finally:
+        charges.users_in_batches.discard(asked.user_id)
 
 
 def _charge_answer(asked: storage.AskedCharge, tried: storage.ChargeAttempt) -> Answered[Charged] | None:
