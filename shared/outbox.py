@@ -167,6 +167,11 @@ class OutboxRelay:
         self.published_total = 0
         self._handed_off: list[OutboxRow] = []
         self._handoff_wake = asyncio.Event()
+        # This outbox's metric children, looked up once: labels() on every publish was 6 us
+        # of the relay's ~110 us per event under a backlog.
+        self._published = PUBLISHED.labels(outbox.table)
+        self._publish_failures = PUBLISH_FAILURES.labels(outbox.table)
+        self._publish_lag = PUBLISH_LAG_SECONDS.labels(outbox.table)
 
     @property
     def claim_seconds(self) -> float:
@@ -414,10 +419,10 @@ class OutboxRelay:
                 )
                 outcome.update(stream_seq=ack.seq, duplicate=bool(ack.duplicate))
         except Exception as error:  # noqa: BLE001 - every publish failure is retried later
-            PUBLISH_FAILURES.labels(self._outbox.table).inc()
+            self._publish_failures.inc()
             return repr(error)[:1000]
-        PUBLISHED.labels(self._outbox.table).inc()
-        PUBLISH_LAG_SECONDS.labels(self._outbox.table).observe(max(0.0, time.time() - row.created_at.timestamp()))
+        self._published.inc()
+        self._publish_lag.observe(max(0.0, time.time() - row.created_at.timestamp()))
         return None
 
     # ------------------------------------------------------------------ metrics
