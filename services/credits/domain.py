@@ -15,9 +15,11 @@ retry with the same key runs the request afresh.
 from __future__ import annotations
 
 import base64
+import collections
 import binascii
 import contextlib
 import enum
+import functools
 import hashlib
 import itertools
 import json
@@ -532,6 +534,7 @@ async def set_plan(pool: asyncpg.Pool, *, user_id: str, plan: Plan | None) -> Ac
 # ---------------------------------------------------------------------------- Charge
 
 
+BATCHES_IN_FLIGHT = 2
 # A charge in a batch: a number of its own, so that twin calls (same user, same request_id)
 # are two keys of the batch and the second is answered as the replay it is.
 _BatchedCharge = tuple[int, storage.AskedCharge]
@@ -545,10 +548,15 @@ class Charges:
     def __init__(self, pool: asyncpg.Pool, limit: ChargeRateLimit) -> None:
         self.pool = pool
         self.limit = limit
-        self.batches: Coalescer[_BatchedCharge, storage.ChargeAttempt] = Coalescer(self._charge_batch)
+        # Two batches at a time: one waiting on a row lock (an account busy with a grant or
+        # a refund) does not hold up the next. No account is ever in two batches (see
+        # `charge`), so two batches never wait on each other's locks.
+        self.batches: Coalescer[_BatchedCharge, storage.ChargeAttempt] = Coalescer(
+            self._charge_batch, max_in_flight=BATCHES_IN_FLIGHT
+        )
         self.call_numbers = itertools.count()
-        # Users with a charge in a batch that is open or on its way.
-        self.users_in_batches: set[str] = set()
+        # How many Charge calls of each user are in flight, batched or alone.
+        self.in_flight: collections.Counter[str] = collections.Counter()
 
     async def _charge_batch(self, calls: list[_BatchedCharge]) -> dict[_BatchedCharge, storage.ChargeAttempt]:
         """The batch's first charge of each user and of each request_id; the others are left
@@ -585,8 +593,8 @@ async def charge(charges: Charges, *, user_id: str, amount: int, reference: str,
     )
     asked = storage.AskedCharge(user_id=user_id, request_id=request_id, amount=amount, reference=reference)
 
-    async def attempt() -> Answered[Charged]:
-        tried = await _charge_in_a_batch(charges, asked)
+    async def attempt(batched: bool) -> Answered[Charged]:
+        tried = await _charge_in_a_batch(charges, asked) if batched else None
         if tried is not None and (answered := _charge_answer(asked, tried)) is not None:
             return answered
         async with _connection(charges.pool) as conn:
@@ -607,27 +615,30 @@ async def charge(charges: Charges, *, user_id: str, amount: int, reference: str,
                     return answered
         raise RequestContended()
 
-    return await _retrying(attempt)
+    # A user with no other charge in flight joins a batch; any other charges alone at once.
+    # A batch takes one charge per account, and one whose account is busy would wait on
+    # its row lock, and the whole batch with it: a hot account's charges queue on its lock
+    # by themselves, as they would without batches, and never hold up other users'.
+    batched = charges.in_flight[user_id] == 0
+    charges.in_flight[user_id] += 1
+    try:
+        return await _retrying(functools.partial(attempt, batched))
+    finally:
+        charges.in_flight[user_id] -= 1
+        if not charges.in_flight[user_id]:
+            del charges.in_flight[user_id]
 
 
 async def _charge_in_a_batch(charges: Charges, asked: storage.AskedCharge) -> storage.ChargeAttempt | None:
-    """The batch's attempt at this charge; None when its account is in a batch already, it
-    was left out of the batch, or the batch's statement failed (a twin of another call raced it, the database is away): the
+    """The batch's attempt at this charge; None when it was left out of the batch or the
+    batch's statement failed (a twin of another call raced it, the database is away): the
     charge then runs alone, where any such failure is this call's own."""
-    if asked.user_id in charges.users_in_batches:
-        # The account is in a batch already, which could take only one of its charges: this
-        # one goes alone at once rather than wait for that batch first (a hot account's
-        # charges queue on its row lock, as they would without batches).
-        return None
-    charges.users_in_batches.add(asked.user_id)
     try:
         return await charges.batches.ask((next(charges.call_numbers), asked))
     except Exception as error:  # noqa: BLE001 - the lone attempt meets it again if it is ours
         log.info("credits.charge_batch_failed", extra={"user_id": asked.user_id, "request_id": asked.request_id,
                                                        "error": repr(error)})
         return None
-    finally:
-        charges.users_in_batches.discard(asked.user_id)
 
 
 def _charge_answer(asked: storage.AskedCharge, tried: storage.ChargeAttempt) -> Answered[Charged] | None:

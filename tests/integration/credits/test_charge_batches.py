@@ -151,3 +151,24 @@ async def test_a_batch_whose_statement_fails_leaves_each_call_to_charge_alone(po
     balances = dict(await db.fetch("SELECT user_id, balance FROM credits.accounts"))
     assert balances == {"a": 900, "b": 1000, "c": 900, "rival": 999}
     assert await db.fetchval("SELECT count(*) FROM credits.ledger_entries WHERE kind = 'CHARGE'") == 3
+
+
+async def test_an_account_locked_elsewhere_holds_up_only_its_own_charge(pool, db, database_url):
+    await opened(pool, "busy", "x", "y")
+    locker = await asyncpg.connect(database_url)
+    try:
+        # A transaction elsewhere (a long grant, say) holds the busy account's row.
+        holding = locker.transaction()
+        await holding.start()
+        await locker.execute("SELECT FROM credits.accounts WHERE user_id = 'busy' FOR UPDATE")
+        charges = CountedCharges(pool)
+        stuck = asyncio.ensure_future(charge(charges, "busy", 100, "k-busy"))
+        await asyncio.sleep(0.2)
+        others = await asyncio.wait_for(
+            asyncio.gather(charge(charges, "x", 100, "k-x"), charge(charges, "y", 100, "k-y")), timeout=5
+        )
+        assert [other.value.balance for other in others] == [900, 900] and not stuck.done()
+        await holding.rollback()
+        assert (await asyncio.wait_for(stuck, timeout=5)).value.balance == 900
+    finally:
+        await locker.close()
