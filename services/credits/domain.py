@@ -15,8 +15,8 @@ retry with the same key runs the request afresh.
 from __future__ import annotations
 
 import base64
-import collections
 import binascii
+import collections
 import contextlib
 import enum
 import functools
@@ -25,7 +25,7 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -558,10 +558,29 @@ class Charges:
         # How many Charge calls of each user are in flight, batched or alone.
         self.in_flight: collections.Counter[str] = collections.Counter()
 
+    @contextlib.contextmanager
+    def call_of(self, user_id: str) -> Iterator[bool]:
+        """Counts a Charge call of `user_id` while it runs; yields whether it joins a batch.
+
+        Only a user with no other charge in flight does; the others charge alone at once.
+        A batch takes one charge per account, and one whose account is busy would wait on
+        its row lock, and the whole batch with it: a hot account's charges queue on its lock
+        by themselves, as they would without batches, and never hold up other users'.
+        """
+        batched = self.in_flight[user_id] == 0
+        self.in_flight[user_id] += 1
+        try:
+            yield batched
+        finally:
+            self.in_flight[user_id] -= 1
+            if not self.in_flight[user_id]:
+                del self.in_flight[user_id]
+
     async def _charge_batch(self, calls: list[_BatchedCharge]) -> dict[_BatchedCharge, storage.ChargeAttempt]:
-        """The batch's first charge of each user and of each request_id; the others are left
-        out, so their callers charge alone (one UPDATE cannot move an account twice, and a
-        repeated request_id would fail the whole statement on its unique key)."""
+        """The batch's first charge of each request_id (and of each user, which `call_of`
+        already sees to); the others are left out, so their callers charge alone: a
+        repeated request_id would fail the whole statement on its unique key, and one
+        UPDATE cannot move an account twice."""
         users: set[str] = set()
         request_ids: set[str] = set()
         batch: dict[storage.AskedCharge, _BatchedCharge] = {}
@@ -615,18 +634,8 @@ async def charge(charges: Charges, *, user_id: str, amount: int, reference: str,
                     return answered
         raise RequestContended()
 
-    # A user with no other charge in flight joins a batch; any other charges alone at once.
-    # A batch takes one charge per account, and one whose account is busy would wait on
-    # its row lock, and the whole batch with it: a hot account's charges queue on its lock
-    # by themselves, as they would without batches, and never hold up other users'.
-    batched = charges.in_flight[user_id] == 0
-    charges.in_flight[user_id] += 1
-    try:
+    with charges.call_of(user_id) as batched:
         return await _retrying(functools.partial(attempt, batched))
-    finally:
-        charges.in_flight[user_id] -= 1
-        if not charges.in_flight[user_id]:
-            del charges.in_flight[user_id]
 
 
 async def _charge_in_a_batch(charges: Charges, asked: storage.AskedCharge) -> storage.ChargeAttempt | None:
