@@ -247,6 +247,7 @@ async def list_stories(
 # SetStoryImage in one statement (one round trip, no BEGIN and COMMIT of their own): the row
 # locked, then marked READY with its object only if `attempt` is its current attempt and
 # still open. Either way the answer is the row as it is now, and whether this attached it.
+_FINAL_PORTRAIT_STATUSES_SQL = ", ".join(sorted(f"'{status.value}'" for status in model.FINAL_PORTRAIT_STATUSES))
 _ATTACH_PORTRAIT_SQL = f"""
 WITH current AS (
     SELECT {_STORY_COLUMNS} FROM story.stories WHERE story_id = $1 FOR UPDATE
@@ -256,7 +257,7 @@ attached AS (
     SET storage_id = $2, portrait_status = 'READY', portrait_error = '', update_time = clock_timestamp()
     FROM current
     WHERE s.story_id = $1 AND current.portrait_attempt = $3
-      AND current.portrait_status NOT IN ('READY', 'FAILED', 'SKIPPED')
+      AND current.portrait_status NOT IN ({_FINAL_PORTRAIT_STATUSES_SQL})
     RETURNING {_STORY_COLUMNS_OF_S}
 )
 SELECT true AS attached, * FROM attached
