@@ -95,6 +95,9 @@ def _rfc3339_second(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+_CHATTY_LIBRARIES = ("httpx", "botocore.credentials")
+
+
 class _JsonHandler(logging.StreamHandler):
     """Marks the handler configure_logging installed, so a second call replaces it."""
 
@@ -113,6 +116,12 @@ def configure_logging(service: str, level: str = "INFO", stream: TextIO | None =
     handler.setFormatter(JsonFormatter(service))
     root.addHandler(handler)
     root.setLevel(numeric_level)
+    # Libraries that log their own routine at INFO: httpx a line per request ("HTTP Request:
+    # POST ..."), botocore where it found credentials. Those lines carry none of our ids and
+    # break the event-name scheme; our steps already log each call with its ids and duration.
+    # Their warnings and errors still come through, and all of it at DEBUG.
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET if numeric_level <= logging.DEBUG else logging.WARNING)
     # The logging HOWTO's "Optimization": no line carries the caller's file and line, thread
     # or process, so the records need not look them up (a stack walk per line).
     logging._srcfile = None

@@ -107,3 +107,18 @@ def test_configure_twice_does_not_duplicate(log_stream):
 def test_unknown_level_is_rejected():
     with pytest.raises(ValueError, match="unknown log level"):
         configure_logging("story", "CHATTY", stream=io.StringIO())
+
+
+def test_libraries_routine_info_lines_stay_out_unless_debugging(log_stream):
+    """httpx logs every request at INFO, without our ids; at INFO only its warnings pass."""
+    quiet = io.StringIO()
+    configure_logging("image", "INFO", stream=quiet)
+    logging.getLogger("httpx").info('HTTP Request: POST http://127.0.0.1/v1 "HTTP/1.1 200 OK"')
+    logging.getLogger("botocore.credentials").info("Found credentials in environment variables.")
+    logging.getLogger("httpx").warning("provider.connection_dropped")
+    assert [line["event"] for line in lines(quiet)] == ["provider.connection_dropped"]
+
+    debugging = io.StringIO()
+    configure_logging("image", "DEBUG", stream=debugging)
+    logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1/")
+    assert [line["event"] for line in lines(debugging)] == ["HTTP Request: GET http://127.0.0.1/"]
