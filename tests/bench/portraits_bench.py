@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--portrait-stories", type=int, default=200, help="stories timed from answer to READY")
     group.add_argument("--portrait-backlog", type=int, default=200, help="stories in each backlog drained")
     group.add_argument("--portrait-concurrency", type=int, default=16, help="portraits in flight per image process")
-    group.add_argument("--scale-backlog", type=int, default=120, help="stories in each scale-out backlog")
+    group.add_argument("--scale-backlog", type=int, default=80, help="stories in each scale-out backlog")
 
 
 def portrait_png() -> bytes:
