@@ -709,21 +709,29 @@ async def keep_generated(
     provider: str,
     cost_microdollars: int,
     *,
+    start_uploading: bool = False,
     timeout: float,
 ) -> bool:
-    """The provider's pictures kept (GENERATED), its name and cost added to the job, in one statement."""
+    """The provider's pictures kept (GENERATED), its name and cost added to the job, in one
+    statement. Each kept slot is marked as one whose storage may be reserved from now on
+    (reserved_bytes, what mark_reserving sets), so its upload needs no statement of its own
+    first. `start_uploading` also makes the job UPLOADING (what start_uploading does), for a
+    worker that holds every picture it is about to upload."""
     return bool(
         await conn.fetchval(
             f"""
             WITH job AS (
                 UPDATE image.jobs SET provider = $3,
-                       provider_cost_microdollars = provider_cost_microdollars + $4, update_time = clock_timestamp()
+                       provider_cost_microdollars = provider_cost_microdollars + $4, update_time = clock_timestamp(),
+                       status = CASE WHEN $9 THEN 'UPLOADING' ELSE status END,
+                       start_time = CASE WHEN $9 THEN coalesce(start_time, clock_timestamp()) ELSE start_time END
                  WHERE job_id = $1 AND lease_owner = $2 AND status IN {_RUNNING_SQL}
                 RETURNING job_id),
             kept AS (
                 UPDATE image.job_images i
                    SET status = 'GENERATED', png = p.png, width = p.width, height = p.height,
-                       content_type = 'image/png', size_bytes = length(p.png), update_time = clock_timestamp()
+                       content_type = 'image/png', size_bytes = length(p.png), reserved_bytes = length(p.png),
+                       update_time = clock_timestamp()
                   FROM job, unnest($5::int[], $6::bytea[], $7::int[], $8::int[]) AS p(slot, png, width, height)
                  WHERE i.job_id = job.job_id AND i.slot = p.slot AND i.status = 'PENDING')
             SELECT count(*) = 1 FROM job
@@ -736,6 +744,7 @@ async def keep_generated(
             [picture.png for picture in pictures],
             [picture.width for picture in pictures],
             [picture.height for picture in pictures],
+            start_uploading,
             timeout=timeout,
         )
     )

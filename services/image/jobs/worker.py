@@ -8,7 +8,9 @@ resumes from where the last one stopped, slot by slot:
      as the model's per-call limit needs; each picture is kept in the database as soon as
      it exists, so a crash or a retry never pays the provider again for it.
   UPLOADING: per kept picture, storage reserved (idempotent per image), the object put in
-     S3 (AES256, under users/<user>/jobs/<job>/<slot>.png), the slot DELIVERED.
+     S3 (AES256, under users/<user>/jobs/<job>/<slot>.png), the slot DELIVERED. The
+     pictures this delivery made go up from memory; only those an earlier one kept are
+     read back from the database.
   COMPLETED (at least one image delivered) or FAILED; then the job is settled (refunds
      of what was not delivered for a reason that is not the player's, RecordGeneration)
      and only then is the message acknowledged.
@@ -29,7 +31,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -235,9 +237,13 @@ async def _advance(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -
         return await _finish(deps, row, owner, ids)
     slots = await _read_slots(deps, row.job_id)
     pending = [slot.slot for slot in slots if slot.status is SlotStatus.PENDING]
+    # With nothing kept by an earlier delivery, this run's pictures are all there is to
+    # upload: the last keep makes the job UPLOADING and they go up from memory, sparing
+    # a statement that would read them back.
+    run = _PaintRun(may_start_uploading=not any(slot.status is SlotStatus.GENERATED for slot in slots))
     if pending:
         try:
-            stopped = await _paint(deps, row, owner, pending, ids)
+            stopped = await _paint(deps, row, owner, pending, ids, run)
         except _Transient as error:
             if row.retry_count < deps.settings.max_retries:
                 return await _retry_provider(deps, row, owner, ids, error)
@@ -245,25 +251,48 @@ async def _advance(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids: dict) -
             stopped = None
         if stopped is not None:
             return stopped
+    for slot, png in await _to_upload(deps, row, owner, slots, run):
+        await _upload(deps, row, owner, slot, png, ids)
+    return await _finish(deps, row, owner, ids)
+
+
+@dataclass
+class _PaintRun:
+    """What this run's provider calls kept, and whether the last keep made the job UPLOADING."""
+
+    may_start_uploading: bool
+    kept: list[KeptPicture] = field(default_factory=list)
+    uploading: bool = False
+
+
+async def _to_upload(
+    deps: WorkerDeps, row: JobRow, owner: uuid.UUID, slots: list[SlotRow], run: _PaintRun
+) -> list[tuple[SlotRow, bytes]]:
+    """The GENERATED slots with their pictures, the job UPLOADING: this run's from memory,
+    or, when an earlier delivery kept some too, all of them read back from the database."""
+    if run.uploading:
+        by_slot = {slot.slot: slot for slot in slots}
+        return [(replace(by_slot[picture.slot], status=SlotStatus.GENERATED, reserved_bytes=len(picture.png)), picture.png)
+                for picture in run.kept]  # fmt: skip
     kept = await _write(deps, storage.start_uploading, row.job_id, owner)
     if kept is None:
         _lease_lost(row.job_id, storage.start_uploading)
     if kept:
         deps.jobs.on_changed(row.job_id)
-        for slot, png in kept:
-            await _upload(deps, row, owner, slot, png, ids)
-    return await _finish(deps, row, owner, ids)
+    return kept
 
 
 async def _paint(
-    deps: WorkerDeps, row: JobRow, owner: uuid.UUID, pending: Sequence[int], ids: dict
+    deps: WorkerDeps, row: JobRow, owner: uuid.UUID, pending: Sequence[int], ids: dict, run: _PaintRun
 ) -> Outcome | JobRow | None:
-    """Provider calls for the `pending` slots; the final job when it stopped (cancelled)."""
+    """Provider calls for the `pending` slots, what they kept noted in `run`; the final job
+    when it stopped (cancelled)."""
     spec = deps.jobs.catalog.get(row.model)
     start = 0
     edit: EditInstructions | None = None
     # A streamed call makes one image, so a job with previews knows whose preview each is.
-    for count in images_per_call(spec, len(pending), streaming=_streams(deps, row)):
+    calls = images_per_call(spec, len(pending), streaming=_streams(deps, row))
+    for call_number, count in enumerate(calls, start=1):
         group, rest = list(pending[start : start + count]), list(pending[start:])
         # A cancellation is looked for before every call but the first (the claim just read the job).
         latest = await _read(deps, row.job_id) if start else row
@@ -281,7 +310,7 @@ async def _paint(
             await _must(deps, storage.fail_slots, row.job_id, owner, rest, f"provider: {error.reason}",
                         refund=error.refundable)  # fmt: skip
             return None
-        await _keep(deps, row, owner, group, result, ids)
+        await _keep(deps, row, owner, group, result, ids, run, last=call_number == len(calls))
     return None
 
 
@@ -345,8 +374,9 @@ async def _generate(
 
 
 async def _keep(
-    deps: WorkerDeps, row: JobRow, owner: uuid.UUID, group: list[int], result: GenerationResult, ids: dict
-) -> None:
+    deps: WorkerDeps, row: JobRow, owner: uuid.UUID, group: list[int], result: GenerationResult, ids: dict,
+    run: _PaintRun, *, last: bool,
+) -> None:  # fmt: skip
     pictures = []
     for slot, image in zip(group, result.images, strict=False):
         try:
@@ -355,9 +385,12 @@ async def _keep(
             log.warning("job.image_rejected", extra={**ids, "slot": slot, "error": repr(error)})
             continue
         pictures.append(KeptPicture(slot, png, image.width, image.height))
+    start_uploading = last and run.may_start_uploading and bool(run.kept or pictures)
     with _step("keep", ids, images=len(pictures)):
         await _must(deps, storage.keep_generated, row.job_id, owner, pictures, str(result.provider),
-                    result.cost_microdollars)  # fmt: skip
+                    result.cost_microdollars, start_uploading=start_uploading)  # fmt: skip
+    run.kept += pictures
+    run.uploading = start_uploading
     missing = [slot for slot in group if slot not in {picture.slot for picture in pictures}]
     if missing:
         # The safety filter withheld them (the player's prompt): not refunded; an unreadable
@@ -396,7 +429,8 @@ async def _give_up_painting(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, ids
 
 async def _upload(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, slot: SlotRow, png: bytes, ids: dict) -> None:
     key = image_key(row.user_id, row.job_id, slot.slot)
-    await _must(deps, storage.mark_reserving, row.job_id, owner, slot.slot, len(png))
+    if slot.reserved_bytes is None:  # kept by a process older than keep_generated's marking
+        await _must(deps, storage.mark_reserving, row.job_id, owner, slot.slot, len(png))
     try:
         with _step("reserve_storage", ids, slot=slot.slot, size_bytes=len(png)):
             await deps.jobs.credits.reserve_storage(

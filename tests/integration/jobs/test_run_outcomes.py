@@ -140,6 +140,34 @@ async def test_s3_down_during_upload_delays_the_job_and_pays_the_provider_once(
     assert account.storage_used_bytes == sum(image.size_bytes for image in job.images)
 
 
+async def test_a_picture_kept_without_its_reservation_mark_is_reserved_before_it_goes_up(
+    openai_stack: JobsStack, openai: FakeOpenAIImages
+):
+    # A process older than keep_generated's reservation mark kept pictures with
+    # reserved_bytes unset; whoever resumes them marks the reservation first, as before.
+    s3_proxy = openai_stack.extra["s3_proxy"]
+    openai.delay_seconds = 0.3
+    created = await openai_stack.create("u1", **DALL_E_2)
+    job_id = uuid.UUID(created.job.job_id)
+    await eventually(lambda: openai.requests_to(GENERATIONS_PATH), what="the provider call")
+    await s3_proxy.cut()
+    await eventually(lambda: _deliveries(openai_stack, created.job.job_id, 2), what="a retried delivery")
+    marked = await openai_stack.db.fetchval(
+        "SELECT reserved_bytes = size_bytes FROM image.job_images WHERE job_id = $1 AND status = 'GENERATED'", job_id
+    )
+    assert marked, "the keep marks the reservation it is about to ask for"
+    await eventually(lambda: _unmark_while_unleased(openai_stack, job_id), what="the job between deliveries")
+    await s3_proxy.restore()
+
+    job = await openai_stack.final(created.job.job_id, timeout=40)
+    await openai_stack.settled(job.job_id)
+    assert job.status == pb.JOB_STATUS_COMPLETED and len(job.images) == 1
+    assert len(openai.requests_to(GENERATIONS_PATH)) == 1
+    reserved = await openai_stack.db.fetchval("SELECT reserved_bytes FROM image.job_images WHERE job_id = $1", job_id)
+    assert reserved == job.images[0].size_bytes
+    assert (await openai_stack.credits.account("u1")).storage_used_bytes == job.images[0].size_bytes
+
+
 async def test_credits_down_during_the_refund_delays_it_and_pays_it_once(
     openai_stack: JobsStack, openai: FakeOpenAIImages
 ):
@@ -162,6 +190,19 @@ async def test_credits_down_during_the_refund_delays_it_and_pays_it_once(
         "SELECT count(*) FROM credits.ledger_entries WHERE user_id = 'u1' AND kind = 'REFUND'"
     )
     assert refunds == 1
+
+
+async def _unmark_while_unleased(stack: JobsStack, job_id: uuid.UUID) -> bool:
+    """Clears the slots' reservation mark while no delivery holds the job: the row lock
+    makes the next claim wait for it, so that delivery reads the slots unmarked."""
+    cleared = await stack.db.fetchval(
+        """WITH free AS (SELECT job_id FROM image.jobs WHERE job_id = $1 AND lease_owner IS NULL FOR UPDATE),
+                cleared AS (UPDATE image.job_images i SET reserved_bytes = NULL FROM free
+                             WHERE i.job_id = free.job_id RETURNING i.slot)
+           SELECT count(*) FROM cleared""",
+        job_id,
+    )
+    return cleared > 0
 
 
 async def _status(stack: JobsStack, job_id: str, status: str) -> bool:
