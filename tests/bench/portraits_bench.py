@@ -8,7 +8,9 @@ after a fixed delay, so the figures are the pipeline's and not a painter's.
 
 - Latency: GenerateStory at a steady rate (20 stories/s); for each, the time from its
   answer to READY arriving on a WatchStory stream of that story. p50 and p99 have fixed
-  aims, because the provider answers at once: this is what the pipeline adds.
+  aims, because the provider answers at once: this is what the pipeline adds. Beside them,
+  for context, one echo call after the same idle pause against the same call back to back:
+  what each of the path's cross-process hops pays for starting from idle on this machine.
 - Backlog: stories made while the image process is stopped wait as story.created in the
   stream; the process starts and drains them. Its portraits/s against the raw chain run
   in the same rounds, from a backlog of the same size with the same concurrency: JetStream
@@ -319,7 +321,34 @@ async def measure_latency(stack: Stack, args: argparse.Namespace) -> list[Figure
         figure("portraits.answer_to_ready_p50", percentile(latencies, 50), "ms", aim=P50_AIM, **notes),
         figure("portraits.answer_to_ready_p99", percentile(latencies, 99), "ms", aim=P99_AIM, **notes),
         figure("portraits.answer_to_ready_max", latencies[-1], "ms", **notes),
+        await idle_hop_ms(stack.echo_addr, 1 / args.portrait_rate),
     ]
+
+
+async def idle_hop_ms(echo_addr: str, pause_seconds: float, calls: int = 60) -> Figure:
+    """Context for the latency aim: one unary call to the bare echo when the processes have
+    been idle for `pause_seconds` (the pace of the stories above) against the same call
+    back to back. At that pace every hop of the portrait's path (two story calls, two
+    statements, two provider requests, the S3 put, the event, the WatchStory push) starts
+    from idle, and on a machine whose idle cores sleep each one pays the wake-up."""
+    async with grpc.aio.insecure_channel(echo_addr) as channel:
+        call = channel.unary_unary(echo_server.METHOD)
+        body = b"y" * RAW_CALL_BYTES
+
+        async def timed_calls(pause: float) -> list[float]:
+            took = []
+            for _ in range(calls):
+                started = time.perf_counter()
+                await call(body)
+                took.append((time.perf_counter() - started) * 1000)
+                if pause:
+                    await asyncio.sleep(pause)
+            return sorted(took)
+
+        await timed_calls(0)  # warm-up: the connection
+        after_idle, back_to_back = await timed_calls(pause_seconds), await timed_calls(0)
+    return ratio_figure("portraits.echo_call_after_idle_p50", percentile(after_idle, 50), percentile(back_to_back, 50), "ms",
+                        baseline_is="the same call back to back", pause_ms=round(pause_seconds * 1000, 1), calls=calls)  # fmt: skip
 
 
 async def measure_backlog(stack: Stack, image: tuple[ServiceProcess, str], args: argparse.Namespace) -> Figure:
