@@ -480,12 +480,27 @@ async def _run_keyed(
 # ---------------------------------------------------------------------------- accounts
 
 
-async def get_account(pool: asyncpg.Pool, user_id: str) -> Account:
-    """The user's account, opened on first sight on FREE with the welcome grant."""
-    _refuse_invalid(("user_id", id_problem(user_id)))
-    async with _connection(pool) as conn:
-        row = await storage.fetch_account(conn, user_id) or await _open_account(conn, user_id)
-    return _account_from_row(row)
+class Accounts:
+    """GetAccount's reads. Calls that come while a read is on its way share the next
+    SELECT (shared/coalescing.py), as GetStory's do: the balance is the most read figure
+    of the service, by the gateway for every player and by every CreateGenerationJob."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._reads: Coalescer[str, Any] = Coalescer(self._fetch_many)
+
+    async def _fetch_many(self, user_ids: list[str]) -> dict[str, Any]:
+        async with _connection(self._pool) as conn:
+            return await storage.fetch_accounts(conn, user_ids)
+
+    async def get(self, user_id: str) -> Account:
+        """The user's account, opened on first sight on FREE with the welcome grant."""
+        _refuse_invalid(("user_id", id_problem(user_id)))
+        row = await self._reads.ask(user_id)
+        if row is None:
+            async with _connection(self._pool) as conn:
+                row = await _open_account(conn, user_id)
+        return _account_from_row(row)
 
 
 async def grant(pool: asyncpg.Pool, *, user_id: str, amount: int, reason: str, request_id: str) -> Answered[Account]:

@@ -106,11 +106,12 @@ def _unwrap(context: grpc.aio.ServicerContext, answered: domain.Answered[T]) -> 
 class CreditsServicer(pb_grpc.CreditsServiceServicer):
     def __init__(self, pool: asyncpg.Pool, charge_limit: domain.ChargeRateLimit) -> None:
         self._pool = pool
+        self._accounts = domain.Accounts(pool)
         self._charges = domain.Charges(pool, charge_limit)
 
     @_refusing_errors
     async def GetAccount(self, request: pb.GetAccountRequest, context: grpc.aio.ServicerContext) -> pb.GetAccountResponse:
-        account = await domain.get_account(self._pool, request.user_id)
+        account = await self._accounts.get(request.user_id)
         return pb.GetAccountResponse(account=account_to_proto(account))
 
     @_refusing_errors

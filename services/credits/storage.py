@@ -33,6 +33,12 @@ async def fetch_account(conn: asyncpg.Connection, user_id: str) -> asyncpg.Recor
     return await conn.fetchrow(f"SELECT {_ACCOUNT_COLUMNS} FROM credits.accounts WHERE user_id = $1", user_id)
 
 
+async def fetch_accounts(conn: asyncpg.Connection, user_ids: list[str]) -> dict[str, asyncpg.Record]:
+    """The accounts of those users that have one, by user_id, in one statement."""
+    rows = await conn.fetch(f"SELECT {_ACCOUNT_COLUMNS} FROM credits.accounts WHERE user_id = ANY($1::text[])", user_ids)
+    return {row["user_id"]: row for row in rows}
+
+
 async def lock_account(conn: asyncpg.Connection, user_id: str) -> asyncpg.Record | None:
     """The account, its row locked until the transaction ends; None when there is none.
 

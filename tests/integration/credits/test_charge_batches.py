@@ -39,7 +39,7 @@ class CountedCharges(domain.Charges):
 
 async def opened(pool: asyncpg.Pool, *user_ids: str) -> None:
     for user_id in user_ids:
-        await domain.get_account(pool, user_id)  # 10 credits of welcome grant each
+        await domain.Accounts(pool).get(user_id)  # 10 credits of welcome grant each
 
 
 def fields_of(error: domain.InvalidRequest) -> list[str]:
