@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from shared.db import create_pool
+
 from .helpers import CreditsUnderTest, assert_ledger_holds, serve_credits
 
 
@@ -32,3 +34,12 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def pool(credits: CreditsUnderTest, database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool for the tests that call the domain directly, on the database `credits`
+    migrated, made as the service makes its own (no reset query on release)."""
+    pool = await create_pool(database_url, max_size=4, application_name="test-credits-domain", reset_session_state=False)
+    yield pool
+    await pool.close()

@@ -6,17 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
-import pytest
 
 from services.credits import domain
-from shared.db import create_pool
-
-
-@pytest.fixture
-async def pool(credits, database_url):  # `credits` has migrated the database
-    pool = await create_pool(database_url, max_size=4, application_name="test-account-reads", reset_session_state=False)
-    yield pool
-    await pool.close()
 
 
 class CountedAccounts(domain.Accounts):

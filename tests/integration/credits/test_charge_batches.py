@@ -9,20 +9,11 @@ import logging
 from decimal import Decimal
 
 import asyncpg
-import pytest
 
 from services.credits import domain, storage
-from shared.db import create_pool
 
 # No test here is about the rate limit.
 UNLIMITED = domain.ChargeRateLimit(per_second=Decimal(1000), burst=1000)
-
-
-@pytest.fixture
-async def pool(credits, database_url):  # `credits` has migrated the database
-    pool = await create_pool(database_url, max_size=4, application_name="test-charge-batches", reset_session_state=False)
-    yield pool
-    await pool.close()
 
 
 class CountedCharges(domain.Charges):
