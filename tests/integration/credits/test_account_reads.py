@@ -22,7 +22,7 @@ class CountedAccounts(domain.Accounts):
         return await super()._fetch_many(user_ids)
 
 
-async def test_concurrent_reads_of_different_users_share_one_statement(pool, db):
+async def test_concurrent_reads_of_different_users_share_one_statement(pool):
     users = [f"reader-{n}" for n in range(8)]
     for n, user in enumerate(users):
         await grant(pool, user, 1 + n)  # on top of the welcome grant's 1000
@@ -46,7 +46,7 @@ async def test_callers_of_one_user_share_the_read_and_a_new_user_is_still_opened
     assert grants == 2
 
 
-async def test_a_read_sees_what_was_committed_before_it_asked(pool, db):
+async def test_a_read_sees_what_was_committed_before_it_asked(pool):
     accounts = CountedAccounts(pool)
     assert (await accounts.get("watcher")).balance == 1000
     await grant(pool, "watcher", 7)
