@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import re
@@ -317,6 +319,26 @@ def decode_page_token(token: str) -> PageCursor:
     return PageCursor(create_time, story_id)
 
 
+# --- repeated requests ------------------------------------------------------------------
+
+
+def request_digest(operation: str, arguments: Any) -> str:
+    """What a request_id was sent with (the operation and its validated arguments)."""
+    encoded = json.dumps([operation, arguments], sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def _replayed(found: tuple[Story, str | None] | None, digest: str | None) -> Story | None:
+    """The story a repeat of the request made first; a repeat with other arguments is refused,
+    as the image and credits services refuse theirs (rows older than digests are answered)."""
+    if found is None:
+        return None
+    story, first_digest = found
+    if first_digest is not None and first_digest != digest:
+        raise InvalidField("request_id", "already used for a story with other arguments; send a new request_id")
+    return story
+
+
 # --- use cases --------------------------------------------------------------------------
 
 
@@ -348,6 +370,7 @@ async def create_story(
         user_id=user_id,
         content=content,
         request_key=request_key,
+        digest=request_digest("CreateStory", dataclasses.asdict(content)),
         authorship=Authorship(writer=CALLER_WRITER),
         events=events,
     )
@@ -367,9 +390,10 @@ async def generate_story(
     request_key = validate_request_id(request_id)
     _check("theme", text_problem(theme, max_chars=model.MAX_THEME_CHARS, required=False))
     theme = theme.strip()
+    digest = request_digest("GenerateStory", theme)
     if request_key is not None:
         async with _connection(pool) as conn:
-            existing = await storage.find_by_request(conn, user_id, request_key)
+            existing = _replayed(await storage.find_by_request(conn, user_id, request_key), digest)
         if existing is not None:
             return existing
     story_id = str(uuid.uuid4())
@@ -386,6 +410,7 @@ async def generate_story(
         user_id=user_id,
         content=content,
         request_key=request_key,
+        digest=digest,
         authorship=Authorship(writer=writer.name, model=writer.model, theme=theme),
         story_id=story_id,
         events=events,
@@ -398,6 +423,7 @@ async def _store_new_story(
     user_id: str,
     content: StoryContent,
     request_key: str | None,
+    digest: str,
     authorship: Authorship,
     story_id: str | None = None,
     events: EventHandoff | None = None,
@@ -406,11 +432,12 @@ async def _store_new_story(
     difficulty = story_typing_difficulty(content.title, content.chapters)
     async with _connection(pool) as conn, conn.transaction():
         story = await storage.insert_story(
-            conn, story_id, user_id, request_key, content, typing_difficulty=difficulty, authorship=authorship
-        )
+            conn, story_id, user_id, request_key, content, typing_difficulty=difficulty, authorship=authorship,
+            request_digest=digest if request_key is not None else None,
+        )  # fmt: skip
         if story is None:
             # The same request_id already made a story: answer with it, write nothing.
-            existing = await storage.find_by_request(conn, user_id, request_key)
+            existing = _replayed(await storage.find_by_request(conn, user_id, request_key), digest)
             assert existing is not None, "insert conflicted, so the row exists"
             return existing
         queued = await storage.insert_outbox_event(conn, story, claim_seconds=_claim_seconds(events))
@@ -477,7 +504,9 @@ async def set_story_image(pool: asyncpg.Pool, *, story_id: str, storage_id: str,
 async def set_portrait_status(
     pool: asyncpg.Pool, *, story_id: str, status: PortraitStatus | None, reason: str, attempt: int
 ) -> Story:
-    """Records FAILED or SKIPPED for `attempt`; a READY portrait is never taken back."""
+    """Records FAILED or SKIPPED for `attempt`; a READY portrait is never taken back, and
+    an attempt that ended FAILED or SKIPPED keeps its first ending (its watchers have
+    already been told it and gone)."""
     story_id = validate_story_id(story_id)
     if status not in (PortraitStatus.FAILED, PortraitStatus.SKIPPED):
         raise InvalidField("status", "must be PORTRAIT_STATUS_FAILED or PORTRAIT_STATUS_SKIPPED")
@@ -488,6 +517,8 @@ async def set_portrait_status(
         unchanged = story.portrait_status is status and story.portrait_error == reason
         if story.portrait_status is PortraitStatus.READY or unchanged:
             return story
+        if story.portrait_status is not PortraitStatus.PENDING:
+            raise PortraitAlreadyFinal(story)
         story = await storage.end_portrait(conn, story_id, status.value, reason)
     log.info(
         "story.portrait_ended",

@@ -81,6 +81,7 @@ async def insert_story(
     *,
     typing_difficulty: int,
     authorship: model.Authorship,
+    request_digest: str | None = None,
 ) -> model.Story | None:
     """Inserts a PENDING story; None when (user_id, request_id) already made one."""
     patient = content.patient
@@ -89,8 +90,8 @@ async def insert_story(
         f"""
         INSERT INTO story.stories
             (story_id, user_id, request_id, title, patient, chapters, image_generation_prompt,
-             patient_gender, admission_date, typing_difficulty, theme, writer, writer_model)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             patient_gender, admission_date, typing_difficulty, theme, writer, writer_model, request_digest)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
         ON CONFLICT (user_id, request_id) DO NOTHING
         RETURNING {_STORY_COLUMNS}
         """,
@@ -109,6 +110,7 @@ async def insert_story(
         authorship.theme,
         authorship.writer,
         authorship.model,
+        request_digest,
         timeout=STATEMENT_TIMEOUT_SECONDS,
     )
     return _maybe_story(row)
@@ -160,14 +162,17 @@ async def fill_missing_payloads(conn: asyncpg.Connection) -> int:
     return len(rows)
 
 
-async def find_by_request(conn: asyncpg.Connection, user_id: str, request_id: str | None) -> model.Story | None:
+async def find_by_request(
+    conn: asyncpg.Connection, user_id: str, request_id: str | None
+) -> tuple[model.Story, str | None] | None:
+    """The story (user_id, request_id) made, with the digest of what it was asked with."""
     row = await conn.fetchrow(
-        f"SELECT {_STORY_COLUMNS} FROM story.stories WHERE user_id = $1 AND request_id = $2",
+        f"SELECT {_STORY_COLUMNS}, request_digest FROM story.stories WHERE user_id = $1 AND request_id = $2",
         user_id,
         request_id,
         timeout=STATEMENT_TIMEOUT_SECONDS,
     )
-    return _maybe_story(row)
+    return None if row is None else (_story_from_row(row), row["request_digest"])
 
 
 async def get_story(conn: asyncpg.Connection, story_id: str, *, for_update: bool = False) -> model.Story | None:

@@ -132,6 +132,41 @@ async def test_request_id_makes_creation_idempotent(story, events, db):
     assert len(await events(2)) == 2
 
 
+async def test_a_request_id_repeated_with_other_arguments_is_refused_and_writes_nothing(story, db):
+    generate = pb.GenerateStoryRequest(user_id="u1", request_id="g-1", theme="a flooded ward")
+    generated = (await story.GenerateStory(generate, metadata=GATEWAY)).story
+    create = pb.CreateStoryRequest(user_id="u1", content=valid_content(), request_id="c-1")
+    created = (await story.CreateStory(create, metadata=GATEWAY)).story
+    retitled = pb.CreateStoryRequest(user_id="u1", content=valid_content(), request_id="c-1")
+    retitled.content.title = "Another title"
+
+    refused = [
+        story.GenerateStory(pb.GenerateStoryRequest(user_id="u1", request_id="g-1", theme="a burning chapel"), metadata=GATEWAY),
+        story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content(), request_id="g-1"), metadata=GATEWAY),
+        story.GenerateStory(pb.GenerateStoryRequest(user_id="u1", request_id="c-1"), metadata=GATEWAY),
+        story.CreateStory(retitled, metadata=GATEWAY),
+    ]
+    for call in refused:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert details_of(raised.value).fields == ("request_id",)
+    assert (await story.GenerateStory(generate, metadata=GATEWAY)).story == generated
+    assert (await story.CreateStory(create, metadata=GATEWAY)).story == created
+    # Another user's request_id is their own.
+    other = pb.GenerateStoryRequest(user_id="u2", request_id="g-1", theme="a burning chapel")
+    assert (await story.GenerateStory(other, metadata=GATEWAY)).story.story_id != generated.story_id
+    assert await count_rows(db) == (3, 3)
+
+
+async def test_stories_from_before_request_digests_are_still_replayed(story, db):
+    request = pb.CreateStoryRequest(user_id="u1", content=valid_content(), request_id="old-1")
+    first = (await story.CreateStory(request, metadata=GATEWAY)).story
+    await db.execute("UPDATE story.stories SET request_digest = NULL")  # as migration 0005 left older rows
+
+    assert (await story.CreateStory(request, metadata=GATEWAY)).story == first
+
+
 @pytest.mark.parametrize(
     ("request_", "field"),
     [
@@ -271,6 +306,24 @@ async def test_a_failed_attempt_cannot_become_ready_afterwards(story):
     assert details_of(raised.value).reason == "PORTRAIT_ALREADY_FINAL"
     current = (await story.GetStory(pb.GetStoryRequest(story_id=created.story_id), metadata=GATEWAY)).story
     assert current == failed
+
+
+async def test_an_ended_attempt_keeps_its_first_ending(story):
+    created = (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story
+
+    async def end(status: int, reason: str):
+        request = pb.SetPortraitStatusRequest(story_id=created.story_id, status=status, reason=reason, attempt=1)
+        return (await story.SetPortraitStatus(request, metadata=IMAGE)).story
+
+    skipped = await end(pb.PORTRAIT_STATUS_SKIPPED, "no prompt")
+    assert await end(pb.PORTRAIT_STATUS_SKIPPED, "no prompt") == skipped  # a replay changes nothing
+    for status, reason in ((pb.PORTRAIT_STATUS_FAILED, "provider down"), (pb.PORTRAIT_STATUS_SKIPPED, "other")):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await end(status, reason)
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert details_of(raised.value).reason == "PORTRAIT_ALREADY_FINAL"
+    current = (await story.GetStory(pb.GetStoryRequest(story_id=created.story_id), metadata=GATEWAY)).story
+    assert current == skipped
 
 
 async def test_callers_are_checked(story):
