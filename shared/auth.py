@@ -72,7 +72,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if method.startswith(_OPEN_PREFIXES):
             return handler
-        caller, refusal = self._check(method, handler_call_details.invocation_metadata)
+        caller, refusal = self._check(method, handler_call_details.invocation_metadata, exists=handler is not None)
         if refusal is not None:
             code, message = refusal
             log.warning(
@@ -84,15 +84,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _check(
-        self, method: str, metadata: Iterable[Any] | None
+        self, method: str, metadata: Iterable[Any] | None, *, exists: bool
     ) -> tuple[str | None, tuple[grpc.StatusCode, str] | None]:
-        """(caller, None) when allowed, else (caller or None, (code, message))."""
+        """(caller, None) when allowed, else (caller or None, (code, message)). A method the
+        server does not have is UNIMPLEMENTED for a known caller (a typo in grpcurl is not
+        a missing right); a method it has but the table omits stays refused."""
         token = _bearer_token(metadata)
         if token is None:
             return None, (grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
         caller = self._caller_for(token)
         if caller is None:
             return None, (grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+        if not exists and method not in self._allowed:
+            return caller, (grpc.StatusCode.UNIMPLEMENTED, f"no method {method} on this server")
         if caller not in self._allowed.get(method, frozenset()):
             short_name = method.rsplit("/", 1)[-1]
             message = f"caller '{caller}' may not call {short_name}"

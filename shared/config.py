@@ -19,6 +19,9 @@ T = TypeVar("T")
 _TRUE_WORDS = frozenset({"true", "1", "yes"})
 _FALSE_WORDS = frozenset({"false", "0", "no"})
 _CALLER_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+# Who calls the services (ARCHITECTURE.md); the services' tables of who may call what name
+# only these, so a token for any other name could call nothing: a typo, said at start.
+CALLERS = ("admin", "gateway", "image", "story")
 # `name:sha256:<64 hex>` lists a caller by the SHA-256 of its token, so a process that must
 # recognise a caller need not hold that caller's token in clear.
 TOKEN_HASH_PREFIX = "sha256:"
@@ -199,6 +202,9 @@ def _parse_token_entry(name: str, position: int, entry: str) -> tuple[str, str]:
         raise ConfigError(
             name, f"entry {position} needs a caller name of lowercase letters, digits, - or _"
         )
+    if caller not in CALLERS:
+        raise ConfigError(name, f"entry {position} names caller '{caller}', which no service knows "
+                                f"(the callers are {', '.join(CALLERS)})")  # fmt: skip
     if not token:
         raise ConfigError(name, f"entry {position} ({caller}) has an empty token")
     if token.lower().startswith(TOKEN_HASH_PREFIX):

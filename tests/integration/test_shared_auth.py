@@ -115,6 +115,15 @@ async def test_method_absent_from_table_is_permission_denied(channel):
     )
 
 
+@pytest.mark.parametrize("path", [f"/{SERVICE}/Whoamii", f"/{SERVICE}/whoami", "/no.such.Service/X"])
+async def test_a_method_the_server_lacks_is_unimplemented_for_a_known_caller(channel, path):
+    call = channel.unary_unary(path)
+    await expect_error(call(b"", metadata=bearer_metadata("tok-admin")), grpc.StatusCode.UNIMPLEMENTED,
+                       f"no method {path} on this server")  # fmt: skip
+    # Without a known token nothing is said about which methods exist.
+    await expect_error(call(b""), grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+
+
 async def test_right_caller_reaches_handler_which_sees_its_name(channel):
     reply = await unary(channel, "SetStoryImage")(b"", metadata=bearer_metadata("tok-image"))
     assert reply == b"image"

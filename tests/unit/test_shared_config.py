@@ -116,6 +116,10 @@ def test_parse_auth_tokens_maps_token_to_caller():
             "admin:s3cr3t-token,gateway:s3cr3t-token",
             "AUTH_TOKENS: entry 2 repeats the token of entry 1",
         ),
+        (
+            "admin:t,imgae:s3cr3t-token",
+            "AUTH_TOKENS: entry 2 names caller 'imgae', which no service knows (the callers are admin, gateway, image, story)",
+        ),
     ],
 )
 def test_parse_auth_tokens_errors_name_the_variable_but_no_token(raw, message):
