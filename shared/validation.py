@@ -14,6 +14,9 @@ import unicodedata
 MAX_ID_CHARS = 128
 # Separators that end a line in some reader (a log viewer, a terminal) as \n would.
 _LINE_SEPARATORS = frozenset("\u2028\u2029\u0085")
+# Marks that reorder how the text around them is shown ("Trojan source", CVE-2021-42574):
+# in a case file or a reason they only ever disguise what an admin page or a log shows.
+_DIRECTION_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def id_problem(value: str, *, max_chars: int = MAX_ID_CHARS) -> str | None:
@@ -26,6 +29,10 @@ def id_problem(value: str, *, max_chars: int = MAX_ID_CHARS) -> str | None:
         return "must not start or end with whitespace"
     if _has_control_characters(value, allowed=""):
         return "must not contain control characters"
+    if any(unicodedata.category(char) == "Cf" for char in value):
+        # Zero-width characters, text-direction marks, a byte-order mark: "u1\u200b" shows
+        # as "u1" and would be another player.
+        return "must not contain invisible format characters (zero-width or text-direction marks)"
     return None
 
 
@@ -41,7 +48,7 @@ def text_problem(value: str, *, max_chars: int, allowed_controls: str = "", requ
     mean a bug or an attack on whoever displays it; `allowed_controls` lets chapter text
     keep its newlines and tabs.
     """
-    if required and not value.strip():
+    if required and not _visible(value):
         return "must not be empty"
     if len(value) > max_chars:
         return f"must be at most {max_chars} characters"
@@ -49,7 +56,16 @@ def text_problem(value: str, *, max_chars: int, allowed_controls: str = "", requ
         return "must not contain control characters" + (
             f" (except {_describe(allowed_controls)})" if allowed_controls else ""
         )
+    if any(char in _DIRECTION_CONTROLS for char in value):
+        return "must not contain text-direction controls"
     return None
+
+
+def _visible(value: str) -> str:
+    """`value` without its whitespace and invisible format characters (a reason that is
+    only a zero-width joiner is empty). Text keeps those characters otherwise: a joiner
+    builds emoji, a non-joiner spells Persian."""
+    return "".join(char for char in value if unicodedata.category(char) != "Cf").strip()
 
 
 def _has_control_characters(value: str, *, allowed: str) -> bool:

@@ -23,6 +23,9 @@ def test_ids_that_are_fine(value):
         ("u\x7f", "must not contain control characters"),
         ("u\x85x", "must not contain control characters"),
         ("u\u2028x", "must not contain control characters"),
+        ("u1\u200b", "must not contain invisible format characters (zero-width or text-direction marks)"),
+        ("\ufeffu1", "must not contain invisible format characters (zero-width or text-direction marks)"),
+        ("admin\u202egnp.exe", "must not contain invisible format characters (zero-width or text-direction marks)"),
     ],
 )
 def test_ids_that_are_refused_say_why(value, problem):
@@ -43,3 +46,13 @@ def test_text_keeps_allowed_controls_only():
     assert text_problem("  ", max_chars=100) == "must not be empty"
     assert text_problem("", max_chars=100, required=False) is None
     assert text_problem("abcd", max_chars=3) == "must be at most 3 characters"
+
+
+def test_text_refuses_direction_controls_but_keeps_joiners():
+    assert text_problem("evil\u202etxt.exe", max_chars=100) == "must not contain text-direction controls"
+    assert text_problem("a \u2066b\u2069", max_chars=100) == "must not contain text-direction controls"
+    # A zero-width joiner builds emoji, a non-joiner spells Persian; alone they say nothing.
+    assert text_problem("\U0001f468\u200d\U0001f469\u200d\U0001f467", max_chars=100) is None
+    assert text_problem("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", max_chars=100) is None
+    assert text_problem("\u200d", max_chars=100) == "must not be empty"
+    assert text_problem(" \u200b ", max_chars=100) == "must not be empty"
