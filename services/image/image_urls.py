@@ -54,7 +54,7 @@ async def image_url(
     """A URL a client can open until expire_time: for a story portrait (user_id empty)
     when the object exists; for a player's image when `owns(user_id, storage_id)` says it
     is one of theirs, delivered and not deleted. ImageNotFound otherwise."""
-    problem = id_problem(storage_id, max_chars=MAX_STORAGE_ID_CHARS)
+    problem = id_problem(storage_id, max_chars=MAX_STORAGE_ID_CHARS) or _key_problem(storage_id)
     if problem is not None:
         raise InvalidField("storage_id", problem)
     problem = optional_id_problem(user_id)
@@ -68,6 +68,15 @@ async def image_url(
         raise ImageNotFound("no such portrait")
     expire_time = now() + timedelta(seconds=lifetime)
     return SignedUrl(await objects.presigned_get_url(storage_id, lifetime), expire_time)
+
+
+def _key_problem(storage_id: str) -> str | None:
+    """Keys this service makes are '/'-separated names: an empty, '.' or '..' segment is
+    none of them, and S3 answers such a key with 400, which is the caller's mistake and not
+    an outage to retry."""
+    if any(segment in ("", ".", "..") for segment in storage_id.split("/")):
+        return "must be a key of '/'-separated names, none empty, '.' or '..'"
+    return None
 
 
 def _url_lifetime(expires_in_seconds: int) -> int:

@@ -156,6 +156,15 @@ async def test_empty_storage_id_is_invalid(image):
     assert details_of(error).violations == (("storage_id", "must not be empty"),)
 
 
+@pytest.mark.parametrize("storage_id", ["portraits/../x", "portraits/./a.png", "portraits//a.png", "/portraits/a.png", "portraits/"])
+@pytest.mark.parametrize("user_id", ["", "u1"])
+async def test_a_storage_id_no_key_can_have_is_invalid_not_an_outage(image, storage_id, user_id):
+    error = await refused(get_url(image, storage_id=storage_id, user_id=user_id))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(error).fields == ("storage_id",)
+
+
 @pytest.mark.parametrize("expires_in_seconds", [-1, 604_801])
 async def test_expiry_out_of_range_is_invalid(image, s3, s3_bucket, expires_in_seconds):
     key, _ = await put_portrait(s3, s3_bucket)
