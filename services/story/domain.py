@@ -62,6 +62,10 @@ MAX_STORAGE_ID_LENGTH = 1024
 MAX_REASON_LENGTH = 1000
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+# A page stops before it would pass this many bytes of text, so that it fits a client's
+# default 4 MiB message limit (grpcurl's, grpc's) with room to spare: thirty stories at the
+# longest a case file may be would not. A page always holds at least one story.
+MAX_PAGE_TEXT_BYTES = 3 * 1024 * 1024
 MAX_ATTEMPT = 2**31 - 1
 STORE_RETRY_SECONDS = 1.0
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -477,8 +481,30 @@ async def list_stories(pool: asyncpg.Pool, *, user_id: str, page_size: int, page
     after = decode_page_token(page_token) if page_token else None
     async with _connection(pool) as conn:
         stories = await storage.list_stories(conn, user_id, limit + 1, after)
-    next_token = encode_page_token(stories[limit - 1]) if len(stories) > limit else ""
-    return StoryPage(stories=stories[:limit], next_page_token=next_token)
+    page = _within_bytes(stories[:limit], MAX_PAGE_TEXT_BYTES)
+    next_token = encode_page_token(page[-1]) if len(stories) > len(page) else ""
+    return StoryPage(stories=page, next_page_token=next_token)
+
+
+def _within_bytes(stories: list[Story], budget: int) -> list[Story]:
+    """The first stories whose text fits `budget` (at least one)."""
+    used = 0
+    for count, story in enumerate(stories):
+        used += _text_bytes(story)
+        if used > budget and count > 0:
+            return stories[:count]
+    return stories
+
+
+def _text_bytes(story: Story) -> int:
+    content = story.content
+    texts = [content.title, content.image_generation_prompt, story.portrait_error, story.authorship.theme or ""]
+    texts += [part for chapter in content.chapters for part in (chapter.title, chapter.text)]
+    if content.patient is not None:
+        patient = content.patient
+        texts += [patient.name, patient.diagnosis, patient.appearance]
+    # A few hundred bytes more per story for ids, times, numbers and the message framing.
+    return sum(len(text.encode()) for text in texts) + 512
 
 
 async def set_story_image(pool: asyncpg.Pool, *, story_id: str, storage_id: str, attempt: int) -> Story:

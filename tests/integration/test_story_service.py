@@ -326,6 +326,27 @@ async def test_an_ended_attempt_keeps_its_first_ending(story):
     assert current == skipped
 
 
+async def test_a_page_of_the_longest_case_files_fits_a_default_client_and_the_walk_loses_none(story):
+    longest = [pb.Chapter(title=f"Chapter {n}", text="The ward was quiet. " * 1000) for n in range(7)]
+    made = [
+        (await story.CreateStory(pb.CreateStoryRequest(user_id="u-long", content=case_file(chapters=longest)),
+                                 metadata=GATEWAY)).story.story_id
+        for _ in range(32)
+    ]  # fmt: skip
+
+    seen, token, pages = [], "", 0
+    while True:
+        page = await story.ListStories(pb.ListStoriesRequest(user_id="u-long", page_size=100, page_token=token),
+                                       metadata=GATEWAY)  # fmt: skip
+        assert page.ByteSize() < 4 * 1024 * 1024 and page.stories
+        seen += [s.story_id for s in page.stories]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages > 1 and sorted(seen) == sorted(made) and len(seen) == len(set(seen))
+
+
 async def test_callers_are_checked(story):
     request = pb.SetStoryImageRequest(story_id="00000000-0000-4000-8000-000000000000", storage_id="k")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
