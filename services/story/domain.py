@@ -6,6 +6,7 @@ in as arguments.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -380,6 +381,31 @@ async def create_story(
     )
 
 
+class RequestsInProgress:
+    """One lock per (user_id, request_id) while calls carrying it run in this process: a
+    gateway that retries a slow GenerateStory waits for the first call's story instead of
+    paying the writer model again. (Across processes the unique key still makes one story;
+    only the writer's work can repeat.)"""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def one_at_a_time(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        lock, holders = self._locks.get(key, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[key] = (lock, holders + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            _, holders = self._locks[key]
+            if holders == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, holders - 1)
+
+
 async def generate_story(
     pool: asyncpg.Pool,
     writer: StoryWriter,
@@ -388,6 +414,7 @@ async def generate_story(
     theme: str,
     request_id: str,
     events: EventHandoff | None = None,
+    in_progress: RequestsInProgress | None = None,
 ) -> Story:
     """Asks the writer for a story, then stores it like create_story."""
     user_id = validate_user_id(user_id)
@@ -395,11 +422,28 @@ async def generate_story(
     _check("theme", text_problem(theme, max_chars=model.MAX_THEME_CHARS, required=False))
     theme = theme.strip()
     digest = request_digest("GenerateStory", theme)
-    if request_key is not None:
+    if request_key is None:
+        return await _write_and_store(pool, writer, user_id=user_id, theme=theme, request_key=None, digest=digest,
+                                      events=events)  # fmt: skip
+    async with (in_progress or RequestsInProgress()).one_at_a_time((user_id, request_key)):
         async with _connection(pool) as conn:
             existing = _replayed(await storage.find_by_request(conn, user_id, request_key), digest)
         if existing is not None:
             return existing
+        return await _write_and_store(pool, writer, user_id=user_id, theme=theme, request_key=request_key,
+                                      digest=digest, events=events)  # fmt: skip
+
+
+async def _write_and_store(
+    pool: asyncpg.Pool,
+    writer: StoryWriter,
+    *,
+    user_id: str,
+    theme: str,
+    request_key: str | None,
+    digest: str,
+    events: EventHandoff | None,
+) -> Story:
     story_id = str(uuid.uuid4())
     # The first step of the portrait pipeline (attempt 1): its lines match the image service's.
     ids = {"story_id": story_id, "attempt": 1, "user_id": user_id}

@@ -191,6 +191,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
         self._events = events
         self._changes = changes
         self._watch_limits = watch_limits or domain.WatchLimits()
+        self._generating = domain.RequestsInProgress()
 
     @_abort_on_domain_error
     async def GenerateStory(self, request: pb.GenerateStoryRequest, context: grpc.aio.ServicerContext) -> pb.GenerateStoryResponse:
@@ -201,6 +202,7 @@ class StoryServicer(story_service_pb2_grpc.StoryServiceServicer):
             theme=request.theme,
             request_id=request.request_id,
             events=self._events,
+            in_progress=self._generating,
         )
         return pb.GenerateStoryResponse(story=story_to_proto(story))
 

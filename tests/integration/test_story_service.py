@@ -515,6 +515,19 @@ async def test_generate_story_with_the_anthropic_writer(anthropic_story):
     assert "fog" in json.dumps(request.json()["messages"])
 
 
+
+async def test_retries_of_one_generate_story_pay_the_writer_once(anthropic_story, db):
+    stub, fake = anthropic_story
+    fake.delay_seconds = 0.3  # a slow model: the gateway's retries arrive while it writes
+    request = pb.GenerateStoryRequest(user_id="u1", request_id="slow-1", theme="fog")
+
+    answers = await asyncio.gather(*(stub.GenerateStory(request, metadata=GATEWAY) for _ in range(12)))
+
+    assert len({answer.story.story_id for answer in answers}) == 1
+    assert len(fake.requests_to("/v1/messages")) == 1
+    assert await count_rows(db) == (1, 1)
+
+
 @pytest.mark.parametrize(("status", "reply"), [(529, None), (400, None), (None, "this is not a story")])
 async def test_a_failing_writer_is_unavailable_and_stores_nothing(anthropic_story, db, status, reply):
     stub, fake = anthropic_story
