@@ -36,13 +36,15 @@ _TRANSIENT_CONNECT_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.CannotConnec
 # What a lost, refused or overloaded database raises: use cases report these as
 # "unavailable, try again" rather than as a bug. OSError covers a refused or reset TCP
 # connection, OperatorInterventionError a server shutting down or a cancelled statement,
-# InsufficientResourcesError "too many connections" or a full disk.
+# InsufficientResourcesError "too many connections" or a full disk, LockNotAvailableError a
+# row held past a pool's lock_timeout by another transaction.
 _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.LockNotAvailableError,
     asyncpg.InterfaceError,
 )
 
@@ -66,6 +68,7 @@ async def create_pool(
     application_name: str,
     connect_timeout: float = 15.0,
     reset_session_state: bool = True,
+    lock_timeout_seconds: float | None = None,
 ) -> asyncpg.Pool:
     """A pool whose connections show `application_name` in pg_stat_activity.
 
@@ -75,10 +78,17 @@ async def create_pool(
     reset_session_state=False skips the query asyncpg sends on every release (RESET ALL,
     UNLISTEN *, CLOSE ALL, pg_advisory_unlock_all()): a round trip per acquire, for a
     service whose code never SETs, LISTENs, DECLAREs cursors or keeps advisory locks.
+
+    lock_timeout_seconds bounds how long one statement waits for a row lock (PostgreSQL's
+    lock_timeout); past it the statement fails as unavailable, so a row held by a long
+    transaction elsewhere costs its own callers an error, not every caller the pool.
     """
     if isinstance(dsn, Secret):
         dsn = dsn.reveal()
     deadline = asyncio.get_running_loop().time() + connect_timeout
+    server_settings = {"application_name": application_name}
+    if lock_timeout_seconds is not None:
+        server_settings["lock_timeout"] = f"{round(lock_timeout_seconds * 1000)}ms"
     while True:
         try:
             pool = await asyncpg.create_pool(
@@ -86,7 +96,7 @@ async def create_pool(
                 min_size=min_size,
                 max_size=max_size,
                 timeout=5,
-                server_settings={"application_name": application_name},
+                server_settings=server_settings,
                 reset=None if reset_session_state else _keep_session_state,
             )
             break

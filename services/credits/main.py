@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Calls in flight get this long to finish when the stack closes outside run_service.
 _STOP_GRACE_SECONDS = 5.0
+LOCK_TIMEOUT_SECONDS = 2.0
 
 
 async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServer:
@@ -33,6 +34,10 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
         # lock is released before the pool serves a request), so the release query only
         # cost a round trip on every Charge.
         reset_session_state=False,
+        # Every write here locks its account's row for one statement (milliseconds, even on
+        # a hot account); a lock held for seconds is someone else's long transaction, and
+        # the calls waiting on it would otherwise hold the whole pool.
+        lock_timeout_seconds=LOCK_TIMEOUT_SECONDS,
     )
     stack.push_async_callback(close_pool, pool)
     async with pool.acquire() as conn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import asyncpg
 import grpc
 import pytest
 
@@ -188,3 +189,46 @@ async def test_other_methods_are_unavailable_while_postgres_is_cut(start_service
             await credits.call(method, requests[method])
 
     assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+
+
+async def test_an_account_row_held_elsewhere_fails_its_own_calls_quickly_and_spares_the_others(credits, db, database_url):
+    balances = {}
+    for user in ("held", "free"):
+        granted = await credits.call("Grant", pb.GrantRequest(user_id=user, amount=1000, reason="seed", request_id=f"seed-{user}"))
+        balances[user] = granted.account.balance
+    entries_before = await db.fetchval("SELECT count(*) FROM credits.ledger_entries")
+    holder = await asyncpg.connect(database_url)
+    try:
+        # An operator's open transaction (or another replica's long one) on one account.
+        holder_tx = holder.transaction()
+        await holder_tx.start()
+        await holder.execute("SELECT 1 FROM credits.accounts WHERE user_id = 'held' FOR UPDATE")
+        started = asyncio.get_running_loop().time()
+
+        async def charge(user: str, n: int):
+            return await credits.call("Charge", pb.ChargeRequest(user_id=user, amount=1, reference="job:x",
+                                                                 request_id=f"{user}-{n}"), "image")  # fmt: skip
+
+        # More calls on the held account than the pool has connections.
+        held_calls = [asyncio.create_task(charge("held", n)) for n in range(14)]
+        await asyncio.sleep(0.2)
+        free_answers = [await charge("free", n) for n in range(3)]
+        account = await credits.call("GetAccount", pb.GetAccountRequest(user_id="free"), "image")
+        spared_within = asyncio.get_running_loop().time() - started
+        outcomes = await asyncio.gather(*held_calls, return_exceptions=True)
+        failed_within = asyncio.get_running_loop().time() - started
+    finally:
+        await holder_tx.rollback()
+        await holder.close()
+
+    free = balances["free"]
+    assert [answer.balance for answer in free_answers] == [free - 1, free - 2, free - 3]
+    assert account.account.balance == free - 3
+    assert all(isinstance(outcome, grpc.aio.AioRpcError) for outcome in outcomes)
+    assert {details_of(outcome).reason for outcome in outcomes} == {"DATABASE_UNAVAILABLE"}
+    # Each waited a lock_timeout or two, not the pool's 10 s acquire bound that every other
+    # caller used to wait out behind them.
+    assert spared_within < 9 and failed_within < 9.5
+    assert await db.fetchval("SELECT count(*) FROM credits.ledger_entries") == entries_before + 3
+    # Once the row is free the same requests go through.
+    assert (await charge("held", 0)).balance == balances["held"] - 1
