@@ -354,7 +354,24 @@ def job_reference(job_id: uuid.UUID) -> str:
 
 def image_key(user_id: str, job_id: uuid.UUID, slot: int) -> str:
     """Where a job's image lives in S3: under the user, so a bucket policy can scope by it."""
-    return f"{USER_IMAGE_PREFIX}{user_id}/jobs/{job_id}/{slot}.png"
+    return f"{USER_IMAGE_PREFIX}{user_folder(user_id)}/jobs/{job_id}/{slot}.png"
+
+
+# A folder name no object store mangles: no separator, not '.' or '..', and short enough for
+# one file name on a store that keeps objects as files (255 bytes).
+_MAX_FOLDER_BYTES = 128
+
+
+def user_folder(user_id: str) -> str:
+    """The user's folder in the bucket: the id itself (what every usual id is), else '!'
+    and a digest of it. A valid id such as 'a//b', '..' or 128 'ü' (256 bytes) would make a
+    key that S3 stores under another name or a store refuses, and the job would wait out
+    its upload retries. '!' (one of S3's safe key characters) is never in a folder used as
+    is, so the two kinds never meet."""
+    plain = not any(char in user_id for char in "/\\!") and user_id not in (".", "..")
+    if plain and len(user_id.encode()) <= _MAX_FOLDER_BYTES:
+        return user_id
+    return "!" + hashlib.sha256(user_id.encode()).hexdigest()[:40]
 
 
 @dataclass(frozen=True)

@@ -39,3 +39,16 @@ async def test_a_job_is_charged_at_once_painted_stored_and_completed(stack: Jobs
     assert (generation["images_requested"], generation["images_delivered"], generation["bytes_stored"]) == (2, 2, sizes)
     row = await stack.db.fetchrow("SELECT status, charge_attempt FROM image.jobs WHERE job_id = $1", uuid.UUID(job.job_id))
     assert (row["status"], row["charge_attempt"]) == ("COMPLETED", 1)
+
+
+async def test_a_user_id_that_is_no_plain_folder_name_still_gets_its_images_stored(stack: JobsStack):
+    for user_id in ("a//b", "..", "x/../../escape", "ü" * 128):
+        created = await stack.create(user_id, num_images=1, width=64, height=64)
+        job = await stack.final(created.job.job_id, user_id)
+
+        assert job.status == pb.JOB_STATUS_COMPLETED, job.error_message
+        [image] = job.images
+        folder = image.storage_id.split("/")[1]
+        assert image.storage_id == f"users/{folder}/jobs/{job.job_id}/0.png" and folder.startswith("!")
+        stored = await stack.s3.get_object(Bucket=stack.bucket, Key=image.storage_id)
+        assert len(await stored["Body"].read()) == image.size_bytes
