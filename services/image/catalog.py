@@ -120,6 +120,13 @@ class ModelSpec:
             return (width, height) in self.sizes
         return self.min_side <= width <= self.max_side and self.min_side <= height <= self.max_side
 
+    def side_at_fault(self, width: int, height: int) -> str:
+        """The field to name for a size it does not offer: height when the width is one it
+        offers (in some size, or in range), else width."""
+        if self.sizes:
+            return "height" if any(w == width for w, _ in self.sizes) else "width"
+        return "height" if self.min_side <= width <= self.max_side else "width"
+
     def route_via(self, provider: ProviderName) -> Route | None:
         return next((route for route in self.routes if route.provider == provider), None)
 
@@ -207,7 +214,8 @@ class ModelCatalog:
         """The model's spec when it offers all of this; UnsupportedRequest naming the field otherwise."""
         spec = self.get(model_id)
         if not spec.allows_size(width, height):
-            raise UnsupportedRequest("width", f"{width}x{height} is not a size {model_id} offers ({describe_sizes(spec)})")
+            raise UnsupportedRequest(spec.side_at_fault(width, height),
+                                     f"{width}x{height} is not a size {model_id} offers ({describe_sizes(spec)})")  # fmt: skip
         if not 1 <= num_images <= MAX_IMAGES_PER_JOB:
             raise UnsupportedRequest("num_images", f"must be 1 to {MAX_IMAGES_PER_JOB}")
         spec.unit_price(quality)

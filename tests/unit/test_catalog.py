@@ -91,11 +91,23 @@ def test_check_names_the_field_to_fix():
 
     assert field_of(model_id="openai/dall-e-9") == "model"
     assert field_of(width=500) == "width"
+    assert field_of(height=500) == "height"  # 512 is a width dall-e-2 offers
+    assert field_of(width=500, height=500) == "width"
     assert field_of(num_images=0) == field_of(num_images=MAX_IMAGES_PER_JOB + 1) == "num_images"
     assert field_of(quality=Quality.HD) == "quality"
     assert field_of(operation=EditOperation.RESTYLE) == "edit_operation"
     assert field_of(prompt="x" * 1001) == "prompt"
     assert CATALOG.check("openai/dall-e-2", width=512, height=512, num_images=10, operation=EditOperation.INPAINT)
+
+
+def test_a_side_out_of_a_models_range_is_the_field_named():
+    def field_of(width: int, height: int) -> str:
+        with pytest.raises(UnsupportedRequest) as raised:
+            CATALOG.check("local/sketch", width=width, height=height, num_images=1)
+        return raised.value.field
+
+    assert field_of(256, 2049) == field_of(256, 63) == field_of(256, 2**31 - 1) == "height"
+    assert field_of(2049, 256) == field_of(63, 2049) == "width"
 
 
 def test_unknown_models_are_named_safely():

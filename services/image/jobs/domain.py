@@ -142,7 +142,10 @@ class InsufficientCredits(JobError):
 
 class StorageQuotaExceeded(JobError):
     def __init__(self, *, used: int, quota: int) -> None:
-        super().__init__(f"the storage quota is used up ({used} of {quota} bytes); nothing was charged")
+        # What happened, without what it cost: at create nothing was charged, at upload the
+        # image was and is refunded (the worker says so).
+        self.what = f"the storage quota is used up ({used} of {quota} bytes)"
+        super().__init__(f"{self.what}; nothing was charged")
         self.metadata = {"used": str(used), "quota": str(quota)}
 
 
@@ -657,7 +660,7 @@ def parse_job_id(job_id: str, field_name: str = "job_id") -> uuid.UUID:
         try:
             return uuid.UUID(job_id)
         except ValueError:
-            problem = "must be a job_id (a UUID)"
+            problem = f"must be {'an' if field_name[0] in 'aeiou' else 'a'} {field_name} (a UUID)"
     raise InvalidJobRequest([(field_name, problem)])
 
 

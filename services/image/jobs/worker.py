@@ -438,7 +438,8 @@ async def _upload(deps: WorkerDeps, row: JobRow, owner: uuid.UUID, slot: SlotRow
             )
     except StorageQuotaExceeded as error:
         # Storage quota reached at upload: a server-side failure for the player, refunded.
-        await _must(deps, storage.fail_slots, row.job_id, owner, [slot.slot], f"storage: {error}", refund=True)
+        reason = f"storage: {error.what}; the image's credits are refunded"
+        await _must(deps, storage.fail_slots, row.job_id, owner, [slot.slot], reason, refund=True)
         return
     with _step("upload", ids, slot=slot.slot, storage_id=key):
         # The same key always gets the same bytes (the picture kept for the slot), so a

@@ -222,7 +222,9 @@ async def test_the_storage_quota_reached_at_upload_fails_the_image_with_a_refund
     job = await stack.final(created.job.job_id, "u-quota")
     await stack.settled(job.job_id)
 
-    assert job.status == pb.JOB_STATUS_FAILED and "storage" in job.error_message
+    assert job.status == pb.JOB_STATUS_FAILED and "storage quota is used up" in job.error_message
+    # The player was charged and refunded: the message must not say nothing was charged.
+    assert "nothing was charged" not in job.error_message and "refunded" in job.error_message
     assert job.credits_refunded == 100 and await stack.balance("u-quota") == 1000
     assert (await stack.credits.account("u-quota")).storage_used_bytes == ONE_GIB - 1
     listing = await stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix="users/u-quota/")
