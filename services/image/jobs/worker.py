@@ -307,8 +307,13 @@ async def _paint(
         except ProviderError as error:
             # Refused for good: a user error (content policy, invalid parameters) is not
             # refunded; our side's (the vendor's quota, our key, an unusable answer) is.
-            await _must(deps, storage.fail_slots, row.job_id, owner, rest, f"provider: {error.reason}",
+            await _must(deps, storage.fail_slots, row.job_id, owner, group, f"provider: {error.reason}",
                         refund=error.refundable)  # fmt: skip
+            # The later calls are not made (the same prompt would meet the same answer), and
+            # what the player was never even tried for is given back.
+            if unasked := rest[len(group):]:
+                await _must(deps, storage.fail_slots, row.job_id, owner, unasked,
+                            f"provider: not asked, after an earlier call was refused: {error.reason}", refund=True)  # fmt: skip
             return None
         await _keep(deps, row, owner, group, result, ids, run, last=call_number == len(calls))
     return None

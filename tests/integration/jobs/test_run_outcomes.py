@@ -8,7 +8,7 @@ import uuid
 from casefile.credits.v1 import credits_service_pb2 as credits_pb
 from casefile.image.v1 import image_service_pb2 as pb
 from tests.fakes.http_server import ScriptedFault
-from tests.fakes.openai_images import GENERATIONS_PATH, FakeOpenAIImages, openai_error
+from tests.fakes.openai_images import GENERATIONS_PATH, SAFETY_MESSAGE, FakeOpenAIImages, openai_error
 
 from .helpers import JobsStack, eventually
 
@@ -105,6 +105,25 @@ async def test_delivered_images_are_kept_and_only_the_missing_ones_refunded(
     assert len(openai.requests_to(GENERATIONS_PATH)) == 1 + 4  # the second image tried 4 times, the third never
     usage = await openai_stack.db.fetchrow("SELECT images_delivered FROM credits.generations WHERE job_id = $1", job.job_id)
     assert usage["images_delivered"] == 1
+
+
+async def test_a_refusal_midway_refunds_the_images_never_asked_for(openai_stack: JobsStack, openai: FakeOpenAIImages):
+    await openai_stack.credits.grant("u1", 10_000, "top-up-refused-midway")
+    # dall-e-3 makes one image per call: the first answers, the second meets the safety system.
+    openai.fault_for = lambda path, body: (
+        ScriptedFault(400, openai_error(SAFETY_MESSAGE, type_="image_generation_user_error", code="moderation_blocked"))
+        if len(openai.requests_to(GENERATIONS_PATH)) == 2 else None
+    )  # fmt: skip
+
+    created = await openai_stack.create("u1", num_images=3, **DALL_E_3)
+    job = await openai_stack.final(created.job.job_id)
+    await openai_stack.settled(job.job_id)
+
+    assert job.status == pb.JOB_STATUS_COMPLETED and len(job.images) == 1
+    assert len(openai.requests_to(GENERATIONS_PATH)) == 2  # the third image is never asked for
+    # The refused image is the player's (not refunded); the one never asked for is refunded.
+    assert job.credits_refunded == 500
+    assert await openai_stack.balance("u1") == 11_000 - 1500 + 500
 
 
 async def test_a_job_splits_into_the_calls_the_model_needs(openai_stack: JobsStack, openai: FakeOpenAIImages):
