@@ -48,6 +48,8 @@ class Refusal:
     domain: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
     retry_after_seconds: float | None = None
+    # Plain trailing metadata sent beside the details (e.g. idempotent-replayed: true).
+    trailers: Sequence[tuple[str, str]] = ()
 
     def to_status(self) -> grpc.Status:
         status = status_pb2.Status(code=_code_number(self.code), message=_short(self.message))
@@ -84,7 +86,7 @@ class Refusal:
 async def abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> NoReturn:
     """Ends the RPC with `refusal`, its details in the trailers."""
     status = refusal.to_status()
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    await context.abort(status.code, status.details, (*status.trailing_metadata, *refusal.trailers))
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -15,7 +16,7 @@ from casefile.credits.v1 import credits_service_pb2 as pb
 from casefile.credits.v1 import credits_service_pb2_grpc as pb_grpc
 from services.credits import domain
 from shared.auth import allow
-from shared.grpc_errors import ErrorTable
+from shared.grpc_errors import ErrorTable, abort
 from shared.proto_time import to_timestamp
 from shared.grpc_server import add_strictly_decoded
 
@@ -88,6 +89,12 @@ def _refusing_errors(method: Handler) -> Handler:
     async def handle(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
+        except domain.RememberedRefusal as error:
+            # A replayed refusal carries the trailer a replayed answer does.
+            refusal = ERRORS.refusal_for(error)
+            if error.metadata.get("replayed") == "true":
+                refusal = dataclasses.replace(refusal, trailers=REPLAYED_METADATA)
+            await abort(context, refusal)
         except domain.CreditsError as error:
             await ERRORS.abort(context, error)
         except Exception as error:

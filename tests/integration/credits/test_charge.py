@@ -176,3 +176,18 @@ async def test_bad_charge_is_invalid_argument_naming_each_field_and_writes_nothi
     assert details.fields == fields
     assert details.message.startswith(f"{fields[0]}: ")
     assert sum((await count_rows(db)).values()) == 0
+
+
+async def test_a_replayed_refusal_carries_the_replay_trailer_and_the_first_does_not(credits):
+    request = pb.ChargeRequest(user_id="u-trailer", amount=5000, reference="job:t", request_id="too-dear-t")
+
+    async def trailers_of_refusal() -> dict[str, str]:
+        call = credits.stub.Charge(request, metadata=credits.as_caller("image"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+        return dict(await call.trailing_metadata() or ())
+
+    first, replay = await trailers_of_refusal(), await trailers_of_refusal()
+
+    assert "idempotent-replayed" not in first and replay.get("idempotent-replayed") == "true"
+    assert "grpc-status-details-bin" in replay  # the rich error still travels beside it
