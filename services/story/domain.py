@@ -333,7 +333,7 @@ def request_digest(operation: str, arguments: Any) -> str:
     return hashlib.sha256(encoded.encode()).hexdigest()
 
 
-def _replayed(found: tuple[Story, str | None] | None, digest: str | None) -> Story | None:
+def _replayed(found: tuple[Story, str | None] | None, digest: str) -> Story | None:
     """The story a repeat of the request made first; a repeat with other arguments is refused,
     as the image and credits services refuse theirs (rows older than digests are answered)."""
     if found is None:

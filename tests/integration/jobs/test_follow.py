@@ -178,6 +178,8 @@ async def test_delete_image_removes_the_object_releases_storage_once_then_not_fo
                     pb.DeleteImageRequest(image_id="nope", user_id="u1")):  # fmt: skip
         assert (await stack.refused("DeleteImage", request)).code in (grpc.StatusCode.NOT_FOUND,
                                                                      grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
+    bad_id = await stack.refused("DeleteImage", pb.DeleteImageRequest(image_id="zz", user_id="u1"))
+    assert bad_id.violations == (("image_id", "must be an image_id (a UUID)"),)
 
 
 async def test_image_urls_only_for_the_owner(stack: JobsStack):
