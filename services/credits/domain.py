@@ -14,13 +14,10 @@ retry with the same key runs the request afresh.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import collections
 import contextlib
 import enum
 import functools
-import hashlib
 import itertools
 import json
 import logging
@@ -34,6 +31,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from services.credits import storage
+from shared import page_tokens
 from shared.coalescing import Coalescer
 from shared.db import pooled_connection
 from shared.validation import id_problem, optional_id_problem, text_problem
@@ -57,7 +55,6 @@ MAX_REASON_CHARS = 500
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 _INT64_MAX = 2**63 - 1
-_MAX_PAGE_TOKEN_CHARS = 200
 # A request that keeps losing races to twins (or deadlocks) this often is answered ABORTED.
 _RACE_ATTEMPTS = 8
 # Waiting for a pooled connection longer than this means the database is not keeping up.
@@ -893,31 +890,19 @@ async def list_ledger_entries(pool: asyncpg.Pool, *, user_id: str, page_size: in
     return LedgerPage(entries, next_token)
 
 
-def _user_digest(user_id: str) -> str:
-    # The token names the list's owner without spelling out the user id.
-    return hashlib.sha256(user_id.encode()).hexdigest()[:16]
-
-
 def _page_token(user_id: str, last_seq: int) -> str:
-    raw = json.dumps({"u": _user_digest(user_id), "s": last_seq}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return page_tokens.encode({"u": page_tokens.list_key(user_id), "s": last_seq})
 
 
 def _page_token_seq(user_id: str, token: str) -> int:
     """The seq a token continues from; InvalidRequest for garbage or another user's token."""
-    not_ours = InvalidRequest([("page_token", "is not a token ListLedgerEntries returned")])
-    if len(token) > _MAX_PAGE_TOKEN_CHARS:
-        raise not_ours
-    try:
-        decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (binascii.Error, ValueError):
-        raise not_ours from None
+    decoded = page_tokens.decode(token)
     if not isinstance(decoded, dict) or not isinstance(decoded.get("u"), str):
-        raise not_ours
+        raise InvalidRequest([("page_token", "is not a token ListLedgerEntries returned")])
     seq = decoded.get("s")
     if type(seq) is not int or not 0 < seq <= _INT64_MAX:
-        raise not_ours
-    if decoded["u"] != _user_digest(user_id):
+        raise InvalidRequest([("page_token", "is not a token ListLedgerEntries returned")])
+    if decoded["u"] != page_tokens.list_key(user_id):
         raise InvalidRequest([("page_token", "belongs to another user's list; list this user without a page_token")])
     return seq
 

@@ -7,8 +7,6 @@ in as arguments.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
 import datetime
@@ -24,6 +22,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from services.story import storage
+from shared import page_tokens
 from shared.coalescing import Coalescer
 from shared.change_feed import WatcherLimitReached
 from services.story import model
@@ -297,20 +296,21 @@ def content_from_writer(draft: Mapping[str, Any]) -> StoryContent:
 # --- page tokens ------------------------------------------------------------------------
 
 
-def encode_page_token(last: Story) -> str:
-    raw = json.dumps([last.create_time.isoformat(), last.story_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode()
+def encode_page_token(last: Story, user_id: str) -> str:
+    return page_tokens.encode({"k": page_tokens.list_key(user_id), "t": last.create_time.isoformat(),
+                               "s": last.story_id})  # fmt: skip
 
 
-def decode_page_token(token: str) -> PageCursor:
-    """Every part of a token is checked: a forged one is INVALID_ARGUMENT, never a crash."""
+def decode_page_token(token: str, user_id: str) -> PageCursor:
+    """Every part of a token is checked: a forged one is INVALID_ARGUMENT, never a crash;
+    another user's is refused. A token made before tokens named their list (a list of the
+    time and the id) still resumes its walk."""
     invalid = InvalidField("page_token", "is not a token this method returned")
-    if len(token) > 512:
-        raise invalid
-    try:
-        parts = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
-    except (ValueError, UnicodeError, binascii.Error):
-        raise invalid from None
+    parts = page_tokens.decode(token)
+    if isinstance(parts, dict):
+        if parts.get("k") != page_tokens.list_key(user_id):
+            raise InvalidField("page_token", "belongs to another user's list; list this user without a page_token")
+        parts = [parts.get("t"), parts.get("s")]
     if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(part, str) for part in parts)):
         raise invalid
     try:
@@ -522,11 +522,11 @@ async def list_stories(pool: asyncpg.Pool, *, user_id: str, page_size: int, page
     if page_size < 0:
         raise InvalidField("page_size", "must not be negative")
     limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    after = decode_page_token(page_token) if page_token else None
+    after = decode_page_token(page_token, user_id) if page_token else None
     async with _connection(pool) as conn:
         stories = await storage.list_stories(conn, user_id, limit + 1, after)
     page = _within_bytes(stories[:limit], MAX_PAGE_TEXT_BYTES)
-    next_token = encode_page_token(page[-1]) if len(stories) > len(page) else ""
+    next_token = encode_page_token(page[-1], user_id) if len(stories) > len(page) else ""
     return StoryPage(stories=page, next_page_token=next_token)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import datetime
 import json
 
 import asyncpg
@@ -445,6 +447,25 @@ async def test_list_stories_pages_newest_first(story):
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await story.ListStories(pb.ListStoriesRequest(user_id="u1", page_token="garbage"), metadata=GATEWAY)
     assert raised.value.details().startswith("page_token:")
+
+
+async def test_a_page_token_belongs_to_its_users_list_and_an_older_token_still_resumes(story):
+    ids = [
+        (await story.CreateStory(pb.CreateStoryRequest(user_id="u1", content=valid_content()), metadata=GATEWAY)).story.story_id
+        for _ in range(3)
+    ]
+    first = await story.ListStories(pb.ListStoriesRequest(user_id="u1", page_size=1), metadata=GATEWAY)
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await story.ListStories(pb.ListStoriesRequest(user_id="u2", page_token=first.next_page_token), metadata=GATEWAY)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(raised.value).fields == ("page_token",) and "another user's list" in raised.value.details()
+    # A token made before tokens named their list: [create_time, story_id].
+    last = (await story.GetStory(pb.GetStoryRequest(story_id=ids[2]), metadata=GATEWAY)).story
+    older = base64.urlsafe_b64encode(json.dumps([last.create_time.ToDatetime(tzinfo=datetime.UTC).isoformat(),
+                                                 last.story_id]).encode()).decode()  # fmt: skip
+    rest = await story.ListStories(pb.ListStoriesRequest(user_id="u1", page_token=older), metadata=GATEWAY)
+    assert [s.story_id for s in rest.stories] == [ids[1], ids[0]]
 
 
 async def test_retry_portrait_publishes_a_new_attempt(story, events):

@@ -28,8 +28,6 @@ only once settled, so a credits outage only delays the refunds.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import enum
 import hashlib
@@ -56,6 +54,7 @@ from services.image.jobs.metrics import JOBS_CANCELLED, JOBS_CREATED, count_refu
 from services.image.jobs.storage import JobRow, JobStatus, SlotRow, SlotStatus
 from services.image.providers.pictures import mask_problem
 from shared.change_feed import WatcherLimitReached
+from shared import page_tokens
 from shared.validation import id_problem, optional_id_problem, text_problem
 
 log = logging.getLogger(__name__)
@@ -717,25 +716,21 @@ def _list_scope(where: storage.JobFilter) -> str:
     return scope
 
 
-def _page_key(user_id: str, scope: str) -> str:
-    # Binds a token to the list it came from: another user's or another filter's is refused.
-    return hashlib.sha256(f"{user_id}\x1f{scope}".encode()).hexdigest()[:16]
-
-
 def _encode_page_token(row: JobRow, user_id: str, scope: str) -> str:
-    raw = json.dumps({"k": _page_key(user_id, scope), "t": row.create_time.isoformat(), "j": str(row.job_id)})
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    # Bound to the list it came from: another user's or another filter's is refused.
+    return page_tokens.encode({"k": page_tokens.list_key(user_id, scope), "t": row.create_time.isoformat(),
+                               "j": str(row.job_id)})  # fmt: skip
 
 
 def _decode_page_token(token: str, user_id: str, scope: str) -> tuple[datetime, uuid.UUID] | None:
     if not token:
         return None
+    raw = page_tokens.decode(token)
     try:
-        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        if raw["k"] != _page_key(user_id, scope):
+        if raw["k"] != page_tokens.list_key(user_id, scope):
             raise ValueError("another list's token")
         return datetime.fromisoformat(raw["t"]), uuid.UUID(raw["j"])
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise InvalidJobRequest([("page_token", "not a page token of this list; send the one the last page gave")]) from None
 
 
