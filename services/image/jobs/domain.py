@@ -469,17 +469,27 @@ def _digest(request: JobRequest) -> str:
     arguments = {
         "prompt": request.prompt, "model": request.model, "width": request.width, "height": request.height,
         "num_images": request.num_images, "quality": request.quality.value if request.quality else None,
-        "kind": request.kind.value, "project_id": request.project_id, "parent_job_id": request.parent_job_id,
+        "kind": request.kind.value, "project_id": request.project_id,
+        "parent_job_id": _canonical_uuid(request.parent_job_id),
     }  # fmt: skip
     # The editor's fields join only when given, so requests made before they existed keep their digests.
     editor = {
-        "source_image_id": request.source_image_id, "canvas_id": request.canvas_id,
+        "source_image_id": _canonical_uuid(request.source_image_id), "canvas_id": request.canvas_id,
         "edit_operation": request.edit_operation.value if request.edit_operation else "",
         "mask": hashlib.sha256(request.mask).hexdigest() if request.mask else "",
         "partial_images": request.partial_images,
     }  # fmt: skip
     arguments.update({name: value for name, value in editor.items() if value})
     return hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
+
+
+def _canonical_uuid(value: str) -> str:
+    """A UUID as the job stores it (lower case, hyphens), so a retry that spells the same id
+    another way is the same request; '' or an id already refused stays as given."""
+    try:
+        return str(uuid.UUID(value)) if value else value
+    except ValueError:
+        return value
 
 
 async def create_job(deps: JobDeps, request: JobRequest) -> Created:

@@ -303,7 +303,7 @@ async def _paint(
         try:
             if edit is None and row.kind == JobKind.EDIT:
                 edit = await _edit_inputs(deps, row, ids)
-            result = await _generate(deps, row, len(group), ids, edit, on_preview=_preview_sender(deps, row, group))
+            result = await _generate(deps, row, group, ids, edit, on_preview=_preview_sender(deps, row, group))
         except ProviderError as error:
             # Refused for good: a user error (content policy, invalid parameters) is not
             # refunded; our side's (the vendor's quota, our key, an unusable answer) is.
@@ -348,14 +348,15 @@ def _preview_sender(deps: WorkerDeps, row: JobRow, group: list[int]) -> PreviewC
 
 
 async def _generate(
-    deps: WorkerDeps, row: JobRow, count: int, ids: dict, edit: EditInstructions | None = None, *,
+    deps: WorkerDeps, row: JobRow, slots: Sequence[int], ids: dict, edit: EditInstructions | None = None, *,
     on_preview: PreviewCallback | None = None,
 ) -> GenerationResult:  # fmt: skip
     request = GenerationRequest(
-        model=row.model, prompt=row.prompt, width=row.width, height=row.height, count=count,
+        model=row.model, prompt=row.prompt, width=row.width, height=row.height, count=len(slots),
         quality=Quality(row.quality) if row.quality else None, edit=edit, partial_images=row.partial_images,
+        image_numbers=tuple(slots),
     )  # fmt: skip
-    with _step("generate", ids, images=count):
+    with _step("generate", ids, images=len(slots)):
         started = time.perf_counter()
         outcome = ProviderOutcome.TRANSIENT_ERROR
         provider = "router"

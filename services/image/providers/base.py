@@ -119,6 +119,10 @@ class GenerationRequest:
     provider: ProviderName | None = None
     # Previews to stream to `on_preview` (1 to 3) where the provider can; 0: its default.
     partial_images: int = 0
+    # Where in its job each image of this call stands (a job's slots; empty: 0, 1, 2, ...).
+    # A painter that draws from a seed (the local one) draws each image of a job apart,
+    # however the job is split into calls or resumed after a retry.
+    image_numbers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

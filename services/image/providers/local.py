@@ -49,12 +49,13 @@ class SketchRenderer:
         _check_size(request.width, request.height)
         if not 1 <= request.count <= MAX_IMAGES_PER_CALL:
             raise InvalidRequest(f"local: count must be 1 to {MAX_IMAGES_PER_CALL}", provider=self.name)
+        numbers = request.image_numbers or tuple(range(request.count))
         if on_preview is not None:
             for index, scale in enumerate(PREVIEW_SCALES[-(request.partial_images or DEFAULT_PREVIEWS):]):
-                preview = await asyncio.to_thread(_render_one, request, 0, scale)
+                preview = await asyncio.to_thread(_render_one, request, numbers[0], scale)
                 await deliver_preview(on_preview, Preview(preview, index), self.name)
         # Drawing a 1024x1024 picture takes tens of milliseconds: keep it off the event loop.
-        images = [await asyncio.to_thread(_render_one, request, index, 1) for index in range(request.count)]
+        images = [await asyncio.to_thread(_render_one, request, number, 1) for number in numbers[: request.count]]
         return GenerationResult(tuple(images), provider=self.name, model=request.model, cost_microdollars=0)
 
 

@@ -52,3 +52,16 @@ async def test_a_user_id_that_is_no_plain_folder_name_still_gets_its_images_stor
         assert image.storage_id == f"users/{folder}/jobs/{job.job_id}/0.png" and folder.startswith("!")
         stored = await stack.s3.get_object(Bucket=stack.bucket, Key=image.storage_id)
         assert len(await stored["Body"].read()) == image.size_bytes
+
+
+async def test_each_image_of_a_previewed_job_is_its_own_picture(stack: JobsStack):
+    # With previews each image is a call of its own; the painter must still draw each apart.
+    created = await stack.create("u1", num_images=3, width=64, height=64, partial_images=2)
+    job = await stack.final(created.job.job_id)
+
+    assert job.status == pb.JOB_STATUS_COMPLETED, job.error_message
+    bodies = []
+    for image in job.images:
+        stored = await stack.s3.get_object(Bucket=stack.bucket, Key=image.storage_id)
+        bodies.append(await stored["Body"].read())
+    assert len(set(bodies)) == 3

@@ -359,3 +359,17 @@ async def test_a_recraft_job_records_its_credits_at_recrafts_unit_price(serve):
         assert job.provider_cost_micros == 2 * 40 * 1000
         stats = await stack.call("GetJobStats", pb.GetJobStatsRequest(user_id="u1", project_id="p-recraft"))
         assert stats.provider_cost_micros == 80_000
+
+
+async def test_a_retry_spelling_the_parent_id_in_another_case_is_the_same_request(stack: JobsStack):
+    parent = await stack.final((await stack.create("u1")).job.job_id)
+    request_id = uuid.uuid4().hex
+
+    def edit(parent_job_id: str) -> pb.CreateGenerationJobRequest:
+        return _request(request_id=request_id, parent_job_id=parent_job_id, **_edit(operation=pb.EDIT_OPERATION_RESTYLE))
+
+    first = await stack.call("CreateGenerationJob", edit(parent.job_id.upper()))
+    again = await stack.call("CreateGenerationJob", edit(parent.job_id))
+
+    assert again.job.job_id == first.job.job_id and again.credits_used == first.credits_used
+    assert len(await charges_of(stack.db, "u1")) == 2  # the parent's charge and the edit's, once
