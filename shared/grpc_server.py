@@ -233,7 +233,15 @@ def serve_main(
 
     Exit status 2 for a bad setting (the log line names the variable), 1 for a crash.
     """
-    configure_logging(name, os.environ.get("LOG_LEVEL", "INFO"))
+    level = os.environ.get("LOG_LEVEL", "INFO")
+    try:
+        configure_logging(name, level)
+    except ValueError:
+        # Said as every other bad setting is, in JSON, at the level the service would have had.
+        configure_logging(name, "INFO")
+        log.error("config.rejected", extra={"service_name": name,
+                                            "error": f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, not {level!r}"})
+        sys.exit(_CONFIG_ERROR_STATUS)
     try:
         config = read_config(os.environ)
     except ConfigError as error:

@@ -16,6 +16,7 @@ error (null where they do not apply yet).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -152,7 +153,9 @@ def logged_step(
     `ids` names what the step works on (story_id and attempt for the portrait pipeline);
     the dict it yields takes fields that only the step's result knows, for the last line;
     `observe(step, ok, seconds)` records the step in a metric as well. The exception, if
-    any, goes on unchanged; a cancellation (shutdown) is a failure too. `log_start=False`
+    any, goes on unchanged. A cancellation (a shutdown, a cancelled job) is no failure: it
+    logs `<area>.step_interrupted` at INFO and counts in no metric, since the step runs again
+    on redelivery or was not wanted any more. `log_start=False`
     leaves out the first line, for steps too short and too many for it to tell anything;
     `log_success=False` the last one too when it succeeds (a failure is always logged), for
     steps whose success another line already says.
@@ -164,6 +167,11 @@ def logged_step(
     outcome: dict[str, Any] = {}
     try:
         yield outcome
+    except asyncio.CancelledError:
+        seconds = time.perf_counter() - started
+        logger.info(f"{area}.step_interrupted", extra={**line, **outcome, "duration_ms": round(seconds * 1000, 1),
+                                                       "error": None})  # fmt: skip
+        raise
     except BaseException as error:
         seconds = time.perf_counter() - started
         logger.warning(

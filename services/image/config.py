@@ -219,8 +219,8 @@ class Config:
             database_connect_timeout_seconds=env_float(env, "DATABASE_CONNECT_TIMEOUT_SECONDS", 15, minimum=0),
             nats=env_nats(env),
             nats_stream_replicas=env_int(env, "NATS_STREAM_REPLICAS", 1, minimum=1),
-            s3_endpoint_url=_optional(env, "S3_ENDPOINT_URL"),
-            s3_public_endpoint_url=_optional(env, "S3_PUBLIC_ENDPOINT_URL"),
+            s3_endpoint_url=_optional_url(env, "S3_ENDPOINT_URL"),
+            s3_public_endpoint_url=_optional_url(env, "S3_PUBLIC_ENDPOINT_URL"),
             s3_bucket=env_str(env, "S3_BUCKET", "casefile"),
             s3_region=env_str(env, "S3_REGION", env_str(env, "AWS_DEFAULT_REGION", "us-east-1")),
             story_addr=env_str(env, "STORY_ADDR", "127.0.0.1:50051"),
@@ -260,6 +260,11 @@ def _provider_name(env: Mapping[str, str]) -> str:
         choices = ", ".join(PORTRAIT_PROVIDERS)
         raise ConfigError("PORTRAIT_PROVIDER", f"must be one of {choices}, got {name!r}")
     return name
+
+
+def _optional_url(env: Mapping[str, str], name: str) -> str | None:
+    """An http(s) URL when set (S3's endpoint), None when not."""
+    return _base_url(env, name, "http://127.0.0.1:9000") if _optional(env, name) else None
 
 
 def _base_url(env: Mapping[str, str], name: str, default: str) -> str:

@@ -57,6 +57,8 @@ def test_region_falls_back_to_aws_default_region():
         ({"PORTRAIT_ACK_WAIT_SECONDS": "soon"}, "PORTRAIT_ACK_WAIT_SECONDS"),
         ({"ALLOW_PRIVATE_DOWNLOADS": "perhaps"}, "ALLOW_PRIVATE_DOWNLOADS"),
         ({"IMAGE_ADDR": "50052"}, "IMAGE_ADDR"),
+        ({"S3_ENDPOINT_URL": "nonsense"}, "S3_ENDPOINT_URL"),
+        ({"S3_PUBLIC_ENDPOINT_URL": "ftp://files.example"}, "S3_PUBLIC_ENDPOINT_URL"),
     ],
 )
 def test_bad_settings_stop_start_up_naming_the_variable(overrides, variable):

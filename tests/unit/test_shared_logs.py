@@ -1,3 +1,4 @@
+import asyncio
 import io
 import json
 import logging
@@ -6,7 +7,7 @@ from datetime import datetime
 import pytest
 
 from shared.config import Secret
-from shared.logs import configure_logging
+from shared.logs import configure_logging, logged_step
 
 
 @pytest.fixture
@@ -122,3 +123,18 @@ def test_libraries_routine_info_lines_stay_out_unless_debugging(log_stream):
     configure_logging("image", "DEBUG", stream=debugging)
     logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1/")
     assert [line["event"] for line in lines(debugging)] == ["HTTP Request: GET http://127.0.0.1/"]
+
+
+def test_a_cancelled_step_is_logged_as_interrupted_not_failed(log_stream):
+    seen = []
+    step_log = logging.getLogger("test.steps")
+    with pytest.raises(asyncio.CancelledError):
+        with logged_step(step_log, "job", "generate", {"job_id": "j1"}, observe=lambda *a: seen.append(a)):
+            raise asyncio.CancelledError()
+    with pytest.raises(ValueError):
+        with logged_step(step_log, "job", "upload", {"job_id": "j1"}, observe=lambda *a: seen.append(a)):
+            raise ValueError("boom")
+
+    ends = [(line["event"], line["level"], line["step"]) for line in lines(log_stream) if line["event"] != "job.step_started"]
+    assert ends == [("job.step_interrupted", "INFO", "generate"), ("job.step_failed", "WARNING", "upload")]
+    assert [(step, ok) for step, ok, _ in seen] == [("upload", False)]  # an interruption is no failure in the metric

@@ -68,3 +68,13 @@ async def test_process_without_valid_auth_tokens_exits_2_naming_the_variable(
     failures = [line for line in events if line["event"] == "config.rejected"]
     assert len(failures) == 1
     assert failures[0]["error"].startswith("AUTH_TOKENS: ")
+
+
+async def test_an_unknown_log_level_exits_2_naming_the_variable_in_json(start_service, database_url, auth_tokens):
+    env = {**credits_env(database_url, auth_tokens), "LOG_LEVEL": "LOUD"}
+
+    process = start_service("credits", env)
+
+    assert await wait_for_exit(process) == 2
+    failures = [line for line in log_events(process.log_tail()) if line["event"] == "config.rejected"]
+    assert [line["error"] for line in failures] == ["LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, not 'LOUD'"]
