@@ -80,8 +80,12 @@ async def start_grpc_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     metrics_addr: str | None = None,
     max_receive_bytes: int | None = None,
+    listen_addr_name: str | None = None,
 ) -> RunningServer:
     """Serve `services` plus health and reflection on `listen_addr` (port 0: any free port).
+
+    `listen_addr_name` is the variable `listen_addr` came from (STORY_ADDR, ...): an address
+    nothing can listen on (a port in use) is then a ConfigError naming it.
 
     `max_receive_bytes` raises gRPC's 4 MiB cap on a request, for a service whose requests
     carry pictures: a field at its own limit must be refused by name, not by the transport.
@@ -102,7 +106,7 @@ async def start_grpc_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = [service.name for service in services]
     enable_reflection(server, [*service_names, health.SERVICE_NAME])
-    port = _bind(server, listen_addr)
+    port = _bind(server, listen_addr, listen_addr_name)
     metrics = serve_metrics(metrics_addr) if metrics_addr else None
     try:
         await server.start()
@@ -165,13 +169,16 @@ def _decoded_stream(behaviour: Callable, request_class: type) -> Callable:
     return handle
 
 
-def _bind(server: grpc.aio.Server, listen_addr: str) -> int:
+def _bind(server: grpc.aio.Server, listen_addr: str, listen_addr_name: str | None) -> int:
     try:
         port = server.add_insecure_port(listen_addr)
-    except RuntimeError as error:
-        raise OSError(f"cannot listen on {listen_addr}: {error}") from error
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {listen_addr}")
+        problem = f"cannot listen on {listen_addr}: the port is in use, or the address is not this machine's"
+        if listen_addr_name:
+            raise ConfigError(listen_addr_name, problem)
+        raise OSError(problem)
     return port
 
 

@@ -46,6 +46,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     servicer = CreditsServicer(pool, charge_rate_limit(config.charge_rate_per_second, config.charge_burst))
     running = await start_grpc_server(
         listen_addr=config.listen_addr,
+        listen_addr_name="CREDITS_ADDR",
         services=[ServiceSpec(SERVICE_NAME, register(servicer))],
         interceptors=[AuthInterceptor(config.auth_tokens.reveal(), ALLOWED_CALLERS)],
         metrics_addr=config.metrics_addr,

@@ -117,6 +117,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     servicer = ImageServicer(_url_signer(config, objects), router, jobs_deps, changes)
     server = await start_grpc_server(
         listen_addr=config.listen_addr,
+        listen_addr_name="IMAGE_ADDR",
         services=[
             ServiceSpec(
                 SERVICE_NAME,

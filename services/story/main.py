@@ -83,6 +83,7 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     )
     server = await start_grpc_server(
         listen_addr=config.listen_addr,
+        listen_addr_name="STORY_ADDR",
         services=[
             ServiceSpec(
                 SERVICE_NAME,

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shared.grpc_errors import details_of
+from shared.config import ConfigError
 from shared.grpc_server import ServiceSpec, add_strictly_decoded, start_grpc_server
 
 SERVICE = "casefile.test.v1.PingService"
@@ -86,6 +87,13 @@ async def test_stop_reports_not_serving_then_refuses_calls(running):
 async def test_a_taken_port_fails_loudly(running):
     with pytest.raises(OSError, match="cannot listen on"):
         await start_grpc_server(listen_addr=f"127.0.0.1:{running.port}", services=[])
+
+
+async def test_a_taken_port_names_the_variable_it_came_from(running):
+    with pytest.raises(ConfigError) as caught:
+        await start_grpc_server(listen_addr=f"127.0.0.1:{running.port}", services=[], listen_addr_name="STORY_ADDR")
+
+    assert caught.value.name == "STORY_ADDR" and f"cannot listen on 127.0.0.1:{running.port}" in str(caught.value)
 
 
 CHILD = """
