@@ -14,13 +14,28 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 from google.rpc import error_details_pb2
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+
+# The reflection API's stable name. grpcio-reflection ships only v1alpha, whose messages are
+# the same on the wire; clients that speak only v1 (newer GUIs and CLIs) get the same servicer.
+V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
 
 
 def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
-    """Serves reflection for `service_names` (and the reflection service itself)."""
-    names = [*service_names, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(names, server, pool=json_named_pool(names))
+    """Serves reflection for `service_names` (and the reflection service itself), as v1alpha
+    and as v1."""
+    names = [*service_names, reflection.SERVICE_NAME, V1_SERVICE_NAME]
+    servicer = reflection.aio.ReflectionServicer(names, pool=json_named_pool(names))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(V1_SERVICE_NAME, {"ServerReflectionInfo": handler}),)
+    )
 
 
 def json_named_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorPool:

@@ -168,3 +168,20 @@ async def test_grpcurl_shows_an_error_s_details_by_name(story_service):
     assert "is not recognized" not in printed
     assert '"@type":"type.googleapis.com/google.rpc.BadRequest"' in printed
     assert '"fieldViolations":[{"field":"user_id"' in printed
+
+
+@pytest.mark.parametrize("api", ["grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"])
+async def test_reflection_answers_as_v1_and_as_v1alpha(story_service, api):
+    # grpcio-reflection ships only v1alpha; a client that speaks only v1 gets the same answers.
+    async with grpc.aio.insecure_channel(story_service) as channel:
+        call = channel.stream_stream(f"/{api}/ServerReflectionInfo",
+                                     request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                     response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)  # fmt: skip
+        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="casefile.story.v1.StoryService")]  # fmt: skip
+        listed, described = [reply async for reply in call(iter(requests))]
+
+    names = {service.name for service in listed.list_services_response.service}
+    assert {"casefile.story.v1.StoryService", "grpc.health.v1.Health", api} <= names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in described.file_descriptor_response.file_descriptor_proto]
+    assert any(service.name == "StoryService" for file in files for service in file.service)

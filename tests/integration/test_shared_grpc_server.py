@@ -65,6 +65,7 @@ async def test_reflection_lists_services(running):
         SERVICE,
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
     }
 
 
