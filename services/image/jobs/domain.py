@@ -852,8 +852,8 @@ async def settle_job(deps: JobDeps, row: JobRow, slots: Sequence[SlotRow] | None
         delivered=len(delivered), bytes_stored=sum(slot.size_bytes or 0 for slot in delivered),
     )  # fmt: skip
     settled = await _write(deps, storage.mark_settled, row.job_id)
-    log.info("job.settled", extra={"job_id": str(row.job_id), "credits_refunded": row.credits_refunded,
-                                   "images_delivered": len(delivered)})  # fmt: skip
+    log.info("job.settled", extra={"job_id": str(row.job_id), "user_id": row.user_id,
+                                   "credits_refunded": row.credits_refunded, "images_delivered": len(delivered)})  # fmt: skip
     return settled or row
 
 
@@ -874,7 +874,7 @@ async def _give_back_storage(deps: JobDeps, row: JobRow, slot: SlotRow) -> None:
             user_id=row.user_id, size=slot.reserved_bytes, request_id=f"image:{slot.image_id}:release"
         )
     await _write(deps, storage.forget_reservation, row.job_id, slot.slot)
-    log.info("job.storage_released", extra={"job_id": str(row.job_id), "slot": slot.slot})
+    log.info("job.storage_released", extra={"job_id": str(row.job_id), "user_id": row.user_id, "slot": slot.slot})
 
 
 async def _refund_slot(deps: JobDeps, row: JobRow, slot: SlotRow) -> None:
