@@ -20,9 +20,10 @@ from typing import Any
 MAX_TOKEN_CHARS = 512
 
 
-def list_key(user_id: str, scope: str = "") -> str:
-    """The key of one user's list under one filter (`scope`: the filter, spelled stably)."""
-    named = f"{user_id}\x1f{scope}" if scope else user_id
+def list_key(user_id: str, scope: str | None = None) -> str:
+    """The key of one user's list, under one filter for a method that has filters (`scope`:
+    the filter spelled stably, '' for none; None for a method without filters)."""
+    named = user_id if scope is None else f"{user_id}\x1f{scope}"
     return hashlib.sha256(named.encode()).hexdigest()[:16]
 
 

@@ -18,6 +18,7 @@ def test_list_keys_are_the_ones_tokens_already_carried():
     # Tokens given out before the codec was shared keep resuming their walks.
     assert page_tokens.list_key("u1") == hashlib.sha256(b"u1").hexdigest()[:16]
     assert page_tokens.list_key("u1", "s") == hashlib.sha256(b"u1\x1fs").hexdigest()[:16]
+    assert page_tokens.list_key("u1", "") == hashlib.sha256(b"u1\x1f").hexdigest()[:16]  # jobs, no filter
     assert page_tokens.list_key("u1", "a") != page_tokens.list_key("u1", "b") != page_tokens.list_key("u2", "b")
 
 
