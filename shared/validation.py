@@ -14,9 +14,11 @@ import unicodedata
 MAX_ID_CHARS = 128
 # Separators that end a line in some reader (a log viewer, a terminal) as \n would.
 _LINE_SEPARATORS = frozenset("\u2028\u2029\u0085")
-# Marks that reorder how the text around them is shown ("Trojan source", CVE-2021-42574):
-# in a case file or a reason they only ever disguise what an admin page or a log shows.
-_DIRECTION_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# The embeddings, overrides and isolates that reorder how the text around them is shown
+# ("Trojan source", CVE-2021-42574): in a case file or a reason they only ever disguise what
+# an admin page or a log shows. The plain marks (LRM, RLM, ALM), common in text written
+# right to left, stay allowed.
+_DIRECTION_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def id_problem(value: str, *, max_chars: int = MAX_ID_CHARS) -> str | None:

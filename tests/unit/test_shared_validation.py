@@ -54,5 +54,7 @@ def test_text_refuses_direction_controls_but_keeps_joiners():
     # A zero-width joiner builds emoji, a non-joiner spells Persian; alone they say nothing.
     assert text_problem("\U0001f468\u200d\U0001f469\u200d\U0001f467", max_chars=100) is None
     assert text_problem("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", max_chars=100) is None
+    # The plain direction marks are everyday right-to-left text, unlike the overrides.
+    assert text_problem("\u05e9\u05dc\u05d5\u05dd\u200f!", max_chars=100) is None
     assert text_problem("\u200d", max_chars=100) == "must not be empty"
     assert text_problem(" \u200b ", max_chars=100) == "must not be empty"
