@@ -41,7 +41,13 @@ async def build(config: Config, stack: contextlib.AsyncExitStack) -> RunningServ
     )
     stack.push_async_callback(close_pool, pool)
     async with pool.acquire() as conn:
-        applied = await apply_migrations(conn, "credits", MIGRATIONS_DIR)
+        # Migrations wait as long as it takes: for another process migrating (the advisory
+        # lock) and for old processes' transactions on the tables they alter.
+        await conn.execute("SET lock_timeout = 0")
+        try:
+            applied = await apply_migrations(conn, "credits", MIGRATIONS_DIR)
+        finally:
+            await conn.execute("RESET lock_timeout")  # back to the pool's, set at connect
     log.info("credits.migrated", extra={"applied": applied})
     servicer = CreditsServicer(pool, charge_rate_limit(config.charge_rate_per_second, config.charge_burst))
     running = await start_grpc_server(

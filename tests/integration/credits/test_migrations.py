@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import uuid
 
@@ -9,7 +10,7 @@ import asyncpg
 import pytest
 
 from casefile.credits.v1 import credits_service_pb2 as pb
-from services.credits.main import MIGRATIONS_DIR
+from services.credits.main import LOCK_TIMEOUT_SECONDS, MIGRATIONS_DIR
 from shared.migrations import apply_migrations
 from tools.infra import create_database, drop_database, dsn_with_database
 
@@ -55,3 +56,23 @@ async def test_accounts_opened_before_0002_keep_their_ledger_and_their_welcome_k
     assert reused.reason == "REQUEST_ID_REUSED"
     await assert_ledger_holds(empty_database)
 
+
+
+async def test_start_up_waits_out_another_process_migrating_longer_than_the_lock_timeout(empty_database, auth_tokens):
+    other = await asyncpg.connect(empty_database)
+    try:
+        # Another credits process holding the migrations' lock (as it would while migrating).
+        await other.execute("SELECT pg_advisory_lock(hashtext('casefile.migrations.' || 'credits'))")
+
+        async def release_later() -> None:
+            await asyncio.sleep(LOCK_TIMEOUT_SECONDS + 1)
+            await other.execute("SELECT pg_advisory_unlock(hashtext('casefile.migrations.' || 'credits'))")
+
+        releasing = asyncio.create_task(release_later())
+        async with serve_credits(empty_database, auth_tokens) as credits:
+            account = await credits.account("u-after-wait")
+        await releasing
+    finally:
+        await other.close()
+
+    assert account.balance == 1000
