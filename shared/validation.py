@@ -50,7 +50,7 @@ def text_problem(value: str, *, max_chars: int, allowed_controls: str = "", requ
     mean a bug or an attack on whoever displays it; `allowed_controls` lets chapter text
     keep its newlines and tabs.
     """
-    if required and not _visible(value):
+    if required and not _has_visible(value):
         return "must not be empty"
     if len(value) > max_chars:
         return f"must be at most {max_chars} characters"
@@ -63,11 +63,12 @@ def text_problem(value: str, *, max_chars: int, allowed_controls: str = "", requ
     return None
 
 
-def _visible(value: str) -> str:
-    """`value` without its whitespace and invisible format characters (a reason that is
-    only a zero-width joiner is empty). Text keeps those characters otherwise: a joiner
-    builds emoji, a non-joiner spells Persian."""
-    return "".join(char for char in value if unicodedata.category(char) != "Cf").strip()
+def _has_visible(value: str) -> bool:
+    """Whether `value` has a character that is neither whitespace nor an invisible format
+    character (a reason that is only a zero-width joiner is empty). Text keeps those
+    characters otherwise: a joiner builds emoji, a non-joiner spells Persian. Stops at the
+    first visible one, so a long chapter costs no more than a short one."""
+    return any(not char.isspace() and unicodedata.category(char) != "Cf" for char in value)
 
 
 def _has_control_characters(value: str, *, allowed: str) -> bool:
