@@ -413,10 +413,11 @@ async def generate_story(
     user_id: str,
     theme: str,
     request_id: str,
+    in_progress: RequestsInProgress,
     events: EventHandoff | None = None,
-    in_progress: RequestsInProgress | None = None,
 ) -> Story:
-    """Asks the writer for a story, then stores it like create_story."""
+    """Asks the writer for a story, then stores it like create_story; calls carrying one
+    request_id take turns through `in_progress` (the servicer's, one per process)."""
     user_id = validate_user_id(user_id)
     request_key = validate_request_id(request_id)
     _check("theme", text_problem(theme, max_chars=model.MAX_THEME_CHARS, required=False))
@@ -425,7 +426,7 @@ async def generate_story(
     if request_key is None:
         return await _write_and_store(pool, writer, user_id=user_id, theme=theme, request_key=None, digest=digest,
                                       events=events)  # fmt: skip
-    async with (in_progress or RequestsInProgress()).one_at_a_time((user_id, request_key)):
+    async with in_progress.one_at_a_time((user_id, request_key)):
         async with _connection(pool) as conn:
             existing = _replayed(await storage.find_by_request(conn, user_id, request_key), digest)
         if existing is not None:
